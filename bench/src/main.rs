@@ -1,0 +1,41 @@
+//! `kvwire`: the command-line tool of kvwire.
+//!
+//! * `kvwire codec encode|decode|eval` — the KV-cache codec on `.safetensors` KV files;
+//! * `kvwire demo` — the codec on an embedded real KV cache (SmolLM2-135M, 256 tokens).
+//!
+//! Errors end the process with status 1 and one line on stderr; nothing panics on bad input.
+#![forbid(unsafe_code)]
+
+mod codec_cmd;
+mod eval;
+
+use clap::{Parser, Subcommand};
+
+/// kvwire: move LLM KV caches between machines, compressed.
+#[derive(Debug, Parser)]
+#[command(name = "kvwire", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Encode, decode and evaluate KV files.
+    #[command(subcommand)]
+    Codec(codec_cmd::CodecCmd),
+    /// Evaluate every level on an embedded real KV cache (SmolLM2-135M, 256 tokens).
+    Demo(codec_cmd::DemoArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Codec(c) => codec_cmd::run(c),
+        Cmd::Demo(a) => codec_cmd::demo(a),
+    };
+    if let Err(e) = r {
+        eprintln!("kvwire: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,352 @@
+//! Block payloads of every level: quantize a (layer, token chunk), code it; and the reverse.
+
+use crate::bits::ByteReader;
+use crate::dtype::{bf16_bits_round_up, DType};
+use crate::error::{CodecError, DecodeError, Result};
+use crate::layout::{KvView, Part};
+use crate::level::Level;
+use crate::native::{self, ChannelAlphabets};
+use crate::quant::{self, alphabet, max_level};
+use crate::{lmcache, Header};
+
+/// LMCache codes each stream over at most this many tokens.
+const LMCACHE_GROUP: usize = 256;
+
+/// The quantized form of one block: per-token scales and channel-major symbols.
+struct QuantBlock {
+    /// Scale bits, `[part][token]`.
+    scales: [Vec<u16>; 2],
+    /// Per-channel K scale bits (bf16), when the header asks for them.
+    channel_scales: Option<Vec<u16>>,
+    /// Symbols `[part·C + channel][token]`.
+    syms: Vec<u8>,
+}
+
+/// Quantizes tokens `t0..t0+n` of `layer` of `view`.
+fn quantize(header: &Header, view: &KvView<'_>, at: BlockAt) -> Result<QuantBlock> {
+    let BlockAt {
+        view_layer,
+        layer,
+        t0,
+        n,
+    } = at;
+    let c = view.spec().shape.channels();
+    let (bk, bv) = header.layer_bins(layer);
+    let dt = header.spec.dtype;
+    let mut row = vec![0f32; c];
+    let mut q = vec![0u8; c];
+    let mut syms = vec![0u8; 2 * c * n];
+    let mut scales = [vec![0u16; n], vec![0u16; n]];
+    let channel_scales = header.channel_scale_k().then(|| {
+        let mut cs = vec![0f32; c];
+        for t in t0..t0 + n {
+            view.read_row(view_layer, Part::K, t, &mut row);
+            for (m, &x) in cs.iter_mut().zip(&row) {
+                *m = m.max(x.abs());
+            }
+        }
+        cs.iter()
+            .map(|&m| bf16_bits_round_up(m))
+            .collect::<Vec<u16>>()
+    });
+    let inv: Option<Vec<f32>> = channel_scales.as_ref().map(|cs| {
+        cs.iter()
+            .map(|&b| {
+                let s = DType::BF16.f32_from_bits(b as u32);
+                if s > 0.0 && (1.0 / s).is_finite() {
+                    1.0 / s
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    });
+    for (p, part) in Part::BOTH.into_iter().enumerate() {
+        let bins = if p == 0 { bk } else { bv };
+        for i in 0..n {
+            view.read_row(view_layer, part, t0 + i, &mut row);
+            if let (Part::K, Some(inv)) = (part, &inv) {
+                for (x, s) in row.iter_mut().zip(inv) {
+                    *x *= s;
+                }
+            }
+            let bits =
+                quant::quantize_row(&row, bins, dt, &mut q).ok_or(CodecError::NonFinite {
+                    layer,
+                    part: part.name(),
+                    token: t0 + i,
+                })?;
+            scales[p][i] = bits;
+            for (ch, &s) in q.iter().enumerate() {
+                syms[(p * c + ch) * n + i] = s;
+            }
+        }
+    }
+    Ok(QuantBlock {
+        scales,
+        channel_scales,
+        syms,
+    })
+}
+
+/// Where a block's tokens are: layer `view_layer` of the view being encoded, which is layer
+/// `layer` of the cache, tokens `t0..t0 + n`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockAt {
+    pub(crate) view_layer: usize,
+    pub(crate) layer: usize,
+    pub(crate) t0: usize,
+    pub(crate) n: usize,
+}
+
+/// Appends the payload of the block `at` of `view` at `header`'s level.
+pub(crate) fn encode_payload(
+    header: &Header,
+    view: &KvView<'_>,
+    at: BlockAt,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let BlockAt {
+        view_layer,
+        layer,
+        t0,
+        n,
+    } = at;
+    let c = view.spec().shape.channels();
+    if header.level == Level::Raw {
+        let rb = c * view.spec().dtype.size();
+        let start = out.len();
+        out.resize(start + 2 * n * rb, 0);
+        let mut pos = start;
+        for part in Part::BOTH {
+            for t in t0..t0 + n {
+                view.copy_row_bytes(view_layer, part, t, &mut out[pos..pos + rb]);
+                pos += rb;
+            }
+        }
+        return Ok(());
+    }
+    let qb = quantize(header, view, at)?;
+    for s in qb.scales.iter().flatten() {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    if let Some(cs) = &qb.channel_scales {
+        for s in cs {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+    }
+    let (bk, bv) = header.layer_bins(layer);
+    match header.level {
+        Level::Raw => unreachable!("handled above"),
+        Level::Q8 => out.extend_from_slice(&qb.syms),
+        Level::CgHigh | Level::CgDefault | Level::CgLow => {
+            let alpha = ChannelAlphabets {
+                first: c,
+                first_width: alphabet(bk) - 1,
+                rest_width: alphabet(bv) - 1,
+            };
+            native::encode_channels(&qb.syms, n, alpha, out);
+        }
+        Level::Lmcache => encode_lmcache(header, &qb.syms, c, n, out),
+    }
+    Ok(())
+}
+
+/// LMCache's max_bins over the whole header: one CDF length (Lp = max_bins + 1) for K and V.
+fn lmcache_max_bins(header: &Header) -> u32 {
+    header
+        .bins_k
+        .iter()
+        .chain(&header.bins_v)
+        .map(|&b| b as u32)
+        .max()
+        .unwrap_or(32)
+}
+
+fn encode_lmcache(header: &Header, syms: &[u8], c: usize, n: usize, out: &mut Vec<u8>) {
+    let max_bins = lmcache_max_bins(header);
+    let lp = max_bins as usize + 1;
+    let mut cdfs = vec![0u16; 2 * c * lp];
+    for (ch, cdf) in cdfs.chunks_exact_mut(lp).enumerate() {
+        lmcache::cdf::channel_cdf(&syms[ch * n..(ch + 1) * n], max_bins, cdf);
+        for v in cdf.iter() {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let mut streams = Vec::new();
+    for g0 in (0..n).step_by(LMCACHE_GROUP) {
+        let g1 = (g0 + LMCACHE_GROUP).min(n);
+        streams.clear();
+        let mut lens = Vec::with_capacity(2 * c);
+        for ch in 0..2 * c {
+            let cdf = &cdfs[ch * lp..(ch + 1) * lp];
+            lens.push(
+                lmcache::range::encode(cdf, &syms[ch * n + g0..ch * n + g1], &mut streams) as u32,
+            );
+        }
+        for l in lens {
+            out.extend_from_slice(&l.to_le_bytes());
+        }
+        out.extend_from_slice(&streams);
+    }
+}
+
+/// Decodes a block payload of (`layer`, tokens `t0..t0+n`) into `out`: the bytes of that
+/// layer alone, in the header's layout and dtype (`header.spec` with one layer).
+pub(crate) fn decode_payload(
+    header: &Header,
+    layer: usize,
+    t0: usize,
+    n: usize,
+    payload: &[u8],
+    out: &mut [u8],
+) -> std::result::Result<(), DecodeError> {
+    let mut spec = header.spec;
+    spec.shape.layers = 1;
+    let c = spec.shape.channels();
+    let es = spec.dtype.size();
+    let mut r = ByteReader::new(payload);
+    if header.level == Level::Raw {
+        let rb = c * es;
+        for part in Part::BOTH {
+            for t in t0..t0 + n {
+                let row = r.take(rb)?;
+                crate::layout::write_row_bytes(&spec, out, 0, part, t, row);
+            }
+        }
+        return finish(&r);
+    }
+    let mut scales = [vec![0u16; n], vec![0u16; n]];
+    r.u16s(&mut scales[0])?;
+    r.u16s(&mut scales[1])?;
+    let channel_scales = if header.channel_scale_k() {
+        let mut cs = vec![0u16; c];
+        r.u16s(&mut cs)?;
+        Some(cs)
+    } else {
+        None
+    };
+    let (bk, bv) = header.layer_bins(layer);
+    let mut syms = vec![0u8; 2 * c * n];
+    match header.level {
+        Level::Raw => unreachable!("handled above"),
+        Level::Q8 => {
+            syms.copy_from_slice(r.take(2 * c * n)?);
+            let top = (alphabet(256) - 1) as u8;
+            if let Some(i) = syms.iter().position(|&s| s > top) {
+                return Err(DecodeError::SymbolOutOfRange { stream: i / n });
+            }
+        }
+        Level::CgHigh | Level::CgDefault | Level::CgLow => {
+            let alpha = ChannelAlphabets {
+                first: c,
+                first_width: alphabet(bk) - 1,
+                rest_width: alphabet(bv) - 1,
+            };
+            let rest = r.take(r.remaining())?;
+            native::decode_channels(rest, n, alpha, &mut syms)?;
+        }
+        Level::Lmcache => decode_lmcache(header, &mut r, c, n, [bk, bv], &mut syms)?,
+    }
+    let mut lut = [0u32; 256];
+    let cs: Option<Vec<f32>> = channel_scales.map(|v| {
+        v.iter()
+            .map(|&b| DType::BF16.f32_from_bits(b as u32))
+            .collect()
+    });
+    for (p, part) in Part::BOTH.into_iter().enumerate() {
+        let bins = if p == 0 { bk } else { bv };
+        let psyms = &syms[p * c * n..(p + 1) * c * n];
+        for i in 0..n {
+            let m = spec.dtype.scale_value(scales[p][i]);
+            let runs = spec.row_runs(0, part, t0 + i);
+            match (part, &cs) {
+                (Part::K, Some(cs)) => {
+                    let max = max_level(bins) as f32;
+                    write_row(out, es, runs, |ch| {
+                        let q = psyms[ch * n + i] as f32;
+                        spec.dtype.bits_from_f32(((q - max) / max) * m * cs[ch])
+                    });
+                }
+                _ => {
+                    quant::dequant_lut(bins, m, spec.dtype, &mut lut);
+                    write_row(out, es, runs, |ch| lut[psyms[ch * n + i] as usize]);
+                }
+            }
+        }
+    }
+    finish(&r)
+}
+
+#[inline]
+fn write_row(
+    out: &mut [u8],
+    es: usize,
+    r: crate::layout::RowRuns,
+    mut bits: impl FnMut(usize) -> u32,
+) {
+    for run in 0..r.runs {
+        let at = (r.start + run * r.stride) * es;
+        let dst = &mut out[at..at + r.run_len * es];
+        let c0 = run * r.run_len;
+        if es == 2 {
+            for (d, e) in dst.chunks_exact_mut(2).enumerate() {
+                e.copy_from_slice(&(bits(c0 + d) as u16).to_le_bytes());
+            }
+        } else {
+            for (d, e) in dst.chunks_exact_mut(4).enumerate() {
+                e.copy_from_slice(&bits(c0 + d).to_le_bytes());
+            }
+        }
+    }
+}
+
+fn decode_lmcache(
+    header: &Header,
+    r: &mut ByteReader<'_>,
+    c: usize,
+    n: usize,
+    bins: [u32; 2],
+    syms: &mut [u8],
+) -> std::result::Result<(), DecodeError> {
+    let max_bins = lmcache_max_bins(header);
+    let lp = max_bins as usize + 1;
+    let mut cdfs = vec![0u16; 2 * c * lp];
+    r.u16s(&mut cdfs)?;
+    for cdf in cdfs.chunks_exact(lp) {
+        lmcache::cdf::validate_cdf(cdf)?;
+    }
+    let mut lens = vec![0u32; 2 * c];
+    for g0 in (0..n).step_by(LMCACHE_GROUP) {
+        let g1 = (g0 + LMCACHE_GROUP).min(n);
+        for l in lens.iter_mut() {
+            *l = r.u32()?;
+        }
+        for (ch, &len) in lens.iter().enumerate() {
+            let bytes = r.take(len as usize)?;
+            let cdf = &cdfs[ch * lp..(ch + 1) * lp];
+            let dst = &mut syms[ch * n + g0..ch * n + g1];
+            lmcache::range::decode(cdf, bytes, dst).map_err(|e| remap_stream(e, ch))?;
+            let top = (alphabet(bins[ch / c]) - 1) as u8;
+            if dst.iter().any(|&s| s > top) {
+                return Err(DecodeError::SymbolOutOfRange { stream: ch });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remap_stream(e: DecodeError, stream: usize) -> DecodeError {
+    match e {
+        DecodeError::CorruptStream { .. } => DecodeError::CorruptStream { stream },
+        DecodeError::SymbolOutOfRange { .. } => DecodeError::SymbolOutOfRange { stream },
+        other => other,
+    }
+}
+
+fn finish(r: &ByteReader<'_>) -> std::result::Result<(), DecodeError> {
+    match r.remaining() {
+        0 => Ok(()),
+        n => Err(DecodeError::TrailingBytes(n)),
+    }
+}

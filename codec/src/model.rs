@@ -1,0 +1,180 @@
+//! Entropy models of the native coder: a fixed family of discretized residual distributions,
+//! built once per alphabet and shared by every block.
+//!
+//! The native coder does not ship frequency tables. Each (block, K/V, channel) picks one
+//! member of this family — a shape, a scale and a half-symbol centre offset — and the
+//! stream names it with a few bits (see [`crate::native`]). The tables are deterministic
+//! functions of `(half_width, shape, scale, offset)`, computed with integer-exact
+//! normalization, so encoder and decoder build identical ones on any machine.
+//!
+//! A member's density is `exp(-|x - c| / b)` (Laplace) or `exp(-(x - c)^2 / (2 b^2))`
+//! (Gauss), with `c ∈ {0, 1/2}`, integrated over the unit bins of the residuals
+//! `-half_width ..= half_width`, normalized to [`PROB_SCALE`] with every residual at least 1.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::rans::{DecTable, EncSymbol, PROB_SCALE};
+
+/// Shapes in the family.
+pub const SHAPES: usize = 2;
+/// Scales per shape.
+pub const SCALES: usize = 48;
+/// Smallest scale (in symbols).
+const SCALE_MIN: f64 = 0.08;
+/// Ratio between consecutive scales.
+const SCALE_STEP: f64 = 1.125;
+
+/// The scale `b` (in symbol units) of scale index `i`.
+pub fn scale_of(i: usize) -> f64 {
+    SCALE_MIN * SCALE_STEP.powi(i as i32)
+}
+
+/// The scale index nearest (in log) to `b`.
+pub fn scale_index(b: f64) -> usize {
+    let k = ((b / SCALE_MIN).ln() / SCALE_STEP.ln()).round();
+    if k.is_nan() || k < 0.0 {
+        0
+    } else {
+        (k as usize).min(SCALES - 1)
+    }
+}
+
+/// The index of the family member for (shape, scale, centre offset).
+#[inline]
+pub const fn member(shape: usize, scale: usize, offset: usize) -> usize {
+    (shape * SCALES + scale) * 2 + offset
+}
+
+/// One member of the family: encode symbols, decode slots and code lengths per residual.
+#[derive(Debug)]
+pub struct ResidualTable {
+    /// Encoder parameters per residual index (`r + half_width`).
+    pub enc: Vec<EncSymbol>,
+    /// Decoder tables.
+    pub dec: DecTable,
+    /// Code length in bits per residual index.
+    pub cost: Vec<f32>,
+}
+
+/// Every member for one residual alphabet `-half_width ..= half_width`.
+#[derive(Debug)]
+pub struct ModelSet {
+    /// Largest |residual|.
+    pub half_width: u32,
+    /// `member(shape, scale, offset)` -> table.
+    pub tables: Vec<ResidualTable>,
+}
+
+impl ModelSet {
+    /// Builds the family for residuals `-half_width ..= half_width` (`half_width` in 1..=63).
+    pub fn build(half_width: u32) -> Self {
+        assert!((1..=63).contains(&half_width));
+        let mut tables = Vec::with_capacity(SHAPES * SCALES * 2);
+        for shape in 0..SHAPES {
+            for scale in 0..SCALES {
+                for offset in 0..2 {
+                    let p = probabilities(half_width, shape, scale_of(scale), offset as f64 * 0.5);
+                    tables.push(table_from_probabilities(&p));
+                }
+            }
+        }
+        Self { half_width, tables }
+    }
+
+    /// The shared model set of `half_width`, built on first use.
+    pub fn get(half_width: u32) -> Arc<Self> {
+        static SETS: OnceLock<Mutex<Vec<Option<Arc<ModelSet>>>>> = OnceLock::new();
+        let sets = SETS.get_or_init(|| Mutex::new(vec![None; 64]));
+        // A poisoned lock only means another thread panicked while building; the Vec is valid.
+        let mut g = sets.lock().unwrap_or_else(|e| e.into_inner());
+        g[half_width as usize]
+            .get_or_insert_with(|| Arc::new(Self::build(half_width)))
+            .clone()
+    }
+}
+
+/// Unnormalized bin masses of one member.
+fn probabilities(half_width: u32, shape: usize, b: f64, c: f64) -> Vec<f64> {
+    let w = half_width as i32;
+    let density = |x: f64| -> f64 {
+        let z = (x - c) / b;
+        match shape {
+            0 => (-z.abs()).exp(),
+            _ => (-0.5 * z * z).exp(),
+        }
+    };
+    // Midpoint rule with steps fine enough for the narrowest member.
+    let steps = ((16.0 / b).ceil() as usize).clamp(8, 256);
+    (-w..=w)
+        .map(|r| {
+            let lo = r as f64 - 0.5;
+            let h = 1.0 / steps as f64;
+            (0..steps)
+                .map(|i| density(lo + (i as f64 + 0.5) * h))
+                .sum::<f64>()
+                * h
+        })
+        .collect()
+}
+
+/// Normalizes masses to integer frequencies summing to PROB_SCALE (each >= 1) and builds the
+/// coder tables. Deterministic: ties go to the lowest index.
+fn table_from_probabilities(p: &[f64]) -> ResidualTable {
+    let n = p.len();
+    let total: f64 = p.iter().sum();
+    let spare = (PROB_SCALE as usize - n) as f64;
+    let mut freq: Vec<u32> = p
+        .iter()
+        .map(|&q| 1 + (q / total * spare).floor() as u32)
+        .collect();
+    let mut sum: u32 = freq.iter().sum();
+    // Hand the rounding remainder to the largest masses, one each, deterministically.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    let mut i = 0;
+    while sum < PROB_SCALE {
+        freq[order[i % n]] += 1;
+        sum += 1;
+        i += 1;
+    }
+    let mut enc = Vec::with_capacity(n);
+    let mut sym = Box::new([0u8; PROB_SCALE as usize]);
+    let mut freq_start = Vec::with_capacity(n);
+    let mut cost = Vec::with_capacity(n);
+    let mut start = 0u32;
+    for (r, &f) in freq.iter().enumerate() {
+        enc.push(EncSymbol::new(start, f));
+        sym[start as usize..(start + f) as usize].fill(r as u8);
+        freq_start.push(f | start << 16);
+        cost.push((PROB_SCALE as f32 / f as f32).log2());
+        start += f;
+    }
+    ResidualTable {
+        enc,
+        dec: DecTable { sym, freq_start },
+        cost,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_member_sums_to_scale_and_codes_every_residual() {
+        let set = ModelSet::build(14);
+        assert_eq!(set.tables.len(), SHAPES * SCALES * 2);
+        for t in &set.tables {
+            assert_eq!(t.enc.len(), 29);
+            let sum: u32 = t.enc.iter().map(|e| e.freq()).sum();
+            assert_eq!(sum, PROB_SCALE);
+            assert!(t.enc.iter().all(|e| e.freq() >= 1));
+        }
+        // A narrow centred member puts most mass on residual 0.
+        let t = &set.tables[member(0, 0, 0)];
+        assert!(t.cost[14] < 0.1);
+        // The half-offset member splits it between 0 and +1.
+        let t = &set.tables[member(1, 0, 1)];
+        assert!((t.cost[14] - t.cost[15]).abs() < 0.05);
+    }
+}

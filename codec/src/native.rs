@@ -1,0 +1,524 @@
+//! The native symbol coder of the `cg-*` levels: per-channel parametric models, prediction from
+//! the previous token, and 8-lane interleaved rANS.
+//!
+//! A block holds the symbols of `channels` streams (K channels, then V channels) over `n`
+//! tokens, channel-major. For each channel the encoder picks a [`ChannelModel`]:
+//!
+//! * a prediction, in half-symbol units: `pred2 = mu2` for the block's first token, else
+//!   `(rho·2·s[t-1] + (8 - rho)·mu2 + 4) >> 3`, with `rho ∈ {0, 2, 4, 6, 8}` eighths and `mu2`
+//!   the channel's mean symbol in half units;
+//! * a residual `r = s[t] - (pred2 >> 1)`, coded with the family member
+//!   (`shape`, `scale`, offset `pred2 & 1`) of [`crate::model`].
+//!
+//! The encoder estimates `rho` from the channel's lag-1 autocorrelation, tries the two nearest
+//! weights, both shapes and the scales around the residuals' spread, and keeps the choice of
+//! least exact code length. A channel's model costs [`MODEL_BITS`] bits.
+//!
+//! Lanes: channels are taken [`LANES`] at a time; within such a group, token by token, lane `j`
+//! codes channel `group·LANES + j`. A lane's symbols depend only on its own earlier ones, so
+//! the decoder runs `LANES` independent dependency chains. All lanes share one word stream:
+//! the encoder writes it backwards from the end of a buffer, so the decoder reads forwards.
+
+use crate::bits::{BitReader, BitWriter};
+use crate::error::DecodeError;
+use crate::model::{member, scale_index, ModelSet, ResidualTable, SCALES, SHAPES};
+use crate::rans::{self, DecTable, EncSymbol, RANS_L};
+
+/// Interleaved rANS lanes per block.
+pub const LANES: usize = 8;
+/// Bits of one channel's model description.
+pub const MODEL_BITS: u32 = RHO_BITS + MU_BITS + SHAPE_BITS + SCALE_BITS;
+const RHO_BITS: u32 = 3;
+const MU_BITS: u32 = 7;
+const SHAPE_BITS: u32 = 1;
+const SCALE_BITS: u32 = 6;
+/// Prediction weights, in eighths.
+const RHOS: [u32; 5] = [0, 2, 4, 6, 8];
+
+/// The model of one channel of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChannelModel {
+    /// Index into the prediction weights `{0, 2, 4, 6, 8}/8`.
+    pub rho: u8,
+    /// Mean symbol in half units (`0..=2·half_width`).
+    pub mu2: u8,
+    /// Shape of the residual distribution (0 Laplace, 1 Gauss).
+    pub shape: u8,
+    /// Scale index.
+    pub scale: u8,
+}
+
+/// The prediction arithmetic of one channel, in the form the inner loops use.
+#[derive(Debug, Clone, Copy)]
+struct Predictor {
+    /// `2·rho`.
+    rho2: u32,
+    /// `(8 - rho)·mu2 + 4`.
+    bias: u32,
+    /// Prediction of the first token.
+    first: u32,
+}
+
+impl Predictor {
+    fn new(m: &ChannelModel) -> Self {
+        let rho = RHOS[m.rho as usize];
+        Self {
+            rho2: 2 * rho,
+            bias: (8 - rho) * m.mu2 as u32 + 4,
+            first: m.mu2 as u32,
+        }
+    }
+    #[inline(always)]
+    fn next(&self, prev: u32) -> u32 {
+        (self.rho2 * prev + self.bias) >> 3
+    }
+}
+
+/// Chooses the cheapest model for one channel's symbols (each `<= set.half_width`).
+pub fn choose_model(syms: &[u8], set: &ModelSet) -> ChannelModel {
+    let w = set.half_width;
+    let n = syms.len();
+    if n == 0 {
+        return ChannelModel::default();
+    }
+    let (mut s1, mut s2, mut lag) = (0u64, 0u64, 0u64);
+    let mut prev = syms[0] as u64;
+    for &s in syms {
+        let s = s as u64;
+        s1 += s;
+        s2 += s * s;
+        lag += s * prev;
+        prev = s;
+    }
+    let nf = n as f64;
+    let mean = s1 as f64 / nf;
+    let var = s2 as f64 / nf - mean * mean;
+    let cov = lag as f64 / nf - mean * mean;
+    let mu2 = ((2 * s1 + n as u64 / 2) / n as u64).min(2 * w as u64) as u8;
+    // Candidate weights: the two multiples of 1/4 around the lag-1 autocorrelation.
+    let rho_hat = if var > 1e-9 {
+        (cov / var).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let r0 = ((rho_hat * 4.0).floor() as usize).min(RHOS.len() - 1);
+    let candidates = [r0, (r0 + 1).min(RHOS.len() - 1)];
+    let nr = 2 * w as usize + 1;
+    let mut hist = [[0u32; 2 * 63 + 1]; 2];
+    let mut hist2 = [[0u32; 2 * 63 + 1]; 2];
+    let mut best = (f32::INFINITY, ChannelModel::default());
+    for (ci, &rho) in candidates.iter().enumerate() {
+        if ci == 1 && rho == candidates[0] {
+            break;
+        }
+        let m = ChannelModel {
+            rho: rho as u8,
+            mu2,
+            ..Default::default()
+        };
+        let p = Predictor::new(&m);
+        for h in hist.iter_mut().chain(hist2.iter_mut()) {
+            h[..nr].fill(0);
+        }
+        let mut sq = 0u64;
+        let mut p2 = p.first;
+        // Two histograms, even and odd tokens: consecutive equal residuals would otherwise
+        // serialize on store-to-load forwarding of one counter.
+        for pair in syms.chunks(2) {
+            for (k, &s) in pair.iter().enumerate() {
+                let r = (s as u32 + w - (p2 >> 1)) as usize;
+                let h = if k == 0 { &mut hist } else { &mut hist2 };
+                h[(p2 & 1) as usize][r] += 1;
+                let dev = 2 * s as i64 - p2 as i64;
+                sq += (dev * dev) as u64;
+                p2 = p.next(s as u32);
+            }
+        }
+        for (a, b) in hist.iter_mut().zip(&hist2) {
+            for (x, y) in a[..nr].iter_mut().zip(&b[..nr]) {
+                *x += y;
+            }
+        }
+        let sd = ((sq as f64 / nf).sqrt() / 2.0).max(1e-3);
+        let (lo, hi) = nonzero_span(&hist, nr);
+        for shape in 0..SHAPES {
+            // Laplace's standard deviation is b·√2, Gauss's is b.
+            let b = if shape == 0 {
+                sd / std::f64::consts::SQRT_2
+            } else {
+                sd
+            };
+            let cost = |k: usize| -> f32 {
+                let mut c = 0f32;
+                for (off, h) in hist.iter().enumerate() {
+                    let t = &set.tables[member(shape, k, off)].cost;
+                    for r in lo..hi {
+                        c += h[r] as f32 * t[r];
+                    }
+                }
+                c
+            };
+            let k0 = scale_index(b);
+            let (mut k, mut ck) = (k0, cost(k0));
+            for dir in [1isize, -1] {
+                loop {
+                    let nk = k as isize + dir;
+                    if nk < 0 || nk >= SCALES as isize {
+                        break;
+                    }
+                    let c = cost(nk as usize);
+                    if c >= ck {
+                        break;
+                    }
+                    (k, ck) = (nk as usize, c);
+                }
+            }
+            if ck < best.0 {
+                best = (
+                    ck,
+                    ChannelModel {
+                        shape: shape as u8,
+                        scale: k as u8,
+                        ..m
+                    },
+                );
+            }
+        }
+    }
+    best.1
+}
+
+fn nonzero_span(hist: &[[u32; 127]; 2], nr: usize) -> (usize, usize) {
+    let (mut lo, mut hi) = (nr, 0);
+    for h in hist {
+        if let Some(a) = h[..nr].iter().position(|&c| c != 0) {
+            lo = lo.min(a);
+        }
+        if let Some(b) = h[..nr].iter().rposition(|&c| c != 0) {
+            hi = hi.max(b + 1);
+        }
+    }
+    (lo.min(hi), hi)
+}
+
+/// The residual half widths of a block's channels: the first `first` channels (K) use
+/// `first_width`, the rest (V) `rest_width`; each is `bins - 2`.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelAlphabets {
+    /// Channels that use `first_width` (the K channels).
+    pub first: usize,
+    /// Half width of the first `first` channels.
+    pub first_width: u32,
+    /// Half width of the rest (the V channels).
+    pub rest_width: u32,
+}
+
+/// What the coding loops need of one channel.
+struct Lane<'a> {
+    pred: Predictor,
+    tables: [&'a ResidualTable; 2],
+    width: u32,
+}
+
+fn lanes_of<'a>(
+    models: &[ChannelModel],
+    alpha: ChannelAlphabets,
+    sets: &'a [std::sync::Arc<ModelSet>; 2],
+) -> Vec<Lane<'a>> {
+    models
+        .iter()
+        .enumerate()
+        .map(|(ch, m)| {
+            let set = &sets[(ch >= alpha.first) as usize];
+            let t = |off| &set.tables[member(m.shape as usize, m.scale as usize, off)];
+            Lane {
+                pred: Predictor::new(m),
+                tables: [t(0), t(1)],
+                width: set.half_width,
+            }
+        })
+        .collect()
+}
+
+/// Appends the coded form of channel-major `syms` (`channels × n`, each symbol within its
+/// channel's alphabet) to `out`: the models bit-packed, then the rANS words (lane states
+/// first), little-endian.
+pub fn encode_channels(syms: &[u8], n: usize, alpha: ChannelAlphabets, out: &mut Vec<u8>) {
+    let channels = syms.len() / n;
+    let sets = [
+        ModelSet::get(alpha.first_width),
+        ModelSet::get(alpha.rest_width),
+    ];
+    let models: Vec<ChannelModel> = (0..channels)
+        .map(|ch| {
+            choose_model(
+                &syms[ch * n..(ch + 1) * n],
+                &sets[(ch >= alpha.first) as usize],
+            )
+        })
+        .collect();
+    let mut bw = BitWriter::default();
+    for m in &models {
+        bw.put(m.rho as u32, RHO_BITS);
+        bw.put(m.mu2 as u32, MU_BITS);
+        bw.put(m.shape as u32, SHAPE_BITS);
+        bw.put(m.scale as u32, SCALE_BITS);
+    }
+    out.extend_from_slice(&bw.finish());
+
+    let lanes = lanes_of(&models, alpha, &sets);
+    // At most one word per symbol, plus the final states.
+    let mut words = vec![0u16; syms.len() + 2 * LANES];
+    let mut pos = words.len();
+    let mut states = [RANS_L; LANES];
+    let groups = channels.div_ceil(LANES);
+    for g in (0..groups).rev() {
+        let c0 = g * LANES;
+        let k = LANES.min(channels - c0);
+        let ls = &lanes[c0..c0 + k];
+        let ss = &syms[c0 * n..(c0 + k) * n];
+        match k {
+            LANES => encode_group::<LANES>(ls, ss, n, &mut states, &mut words, &mut pos),
+            _ => {
+                for j in (0..k).rev() {
+                    // A partial group: code its lanes one after another (still independent).
+                    encode_group::<1>(
+                        &ls[j..j + 1],
+                        &ss[j * n..(j + 1) * n],
+                        n,
+                        &mut states[j..j + 1],
+                        &mut words,
+                        &mut pos,
+                    );
+                }
+            }
+        }
+    }
+    for (j, &x) in states.iter().enumerate() {
+        words[pos - 2 * LANES + 2 * j] = (x >> 16) as u16;
+        words[pos - 2 * LANES + 2 * j + 1] = x as u16;
+    }
+    pos -= 2 * LANES;
+    out.reserve(2 * (words.len() - pos));
+    for w in &words[pos..] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// Encodes `L` lanes (channels `ls`, symbols `ss`, channel-major) backwards.
+#[inline(always)]
+fn encode_group<const L: usize>(
+    ls: &[Lane<'_>],
+    ss: &[u8],
+    n: usize,
+    states: &mut [u32],
+    words: &mut [u16],
+    pos: &mut usize,
+) {
+    let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
+    let states: &mut [u32; L] = states.try_into().expect("L states");
+    for t in (0..n).rev() {
+        for j in (0..L).rev() {
+            let lane = &ls[j];
+            let s = &ss[j * n..(j + 1) * n];
+            let p2 = if t == 0 {
+                lane.pred.first
+            } else {
+                lane.pred.next(s[t - 1] as u32)
+            };
+            let r = (s[t] as u32 + lane.width - (p2 >> 1)) as usize;
+            let e: &EncSymbol = &lane.tables[(p2 & 1) as usize].enc[r];
+            rans::encode_into(&mut states[j], words, pos, e);
+        }
+    }
+}
+
+/// Bytes of the model section for `channels` channels.
+pub const fn models_len(channels: usize) -> usize {
+    crate::bits::bytes_for_bits(channels * MODEL_BITS as usize)
+}
+
+/// Decodes what [`encode_channels`] wrote (exactly `bytes`) into channel-major `syms`
+/// (`channels × n`).
+///
+/// # Errors
+/// [`DecodeError`] if a model field is out of range, the words run out, a residual leaves the
+/// alphabet, or a lane does not end in its initial state.
+pub fn decode_channels(
+    bytes: &[u8],
+    n: usize,
+    alpha: ChannelAlphabets,
+    syms: &mut [u8],
+) -> Result<(), DecodeError> {
+    let channels = syms.len() / n;
+    let ml = models_len(channels);
+    if bytes.len() < ml + 4 * LANES {
+        return Err(DecodeError::Truncated {
+            offset: bytes.len(),
+            needed: ml + 4 * LANES - bytes.len(),
+        });
+    }
+    let sets = [
+        ModelSet::get(alpha.first_width),
+        ModelSet::get(alpha.rest_width),
+    ];
+    let mut br = BitReader::new(&bytes[..ml]);
+    let mut models = Vec::with_capacity(channels);
+    for ch in 0..channels {
+        let m = ChannelModel {
+            rho: br.get(RHO_BITS)? as u8,
+            mu2: br.get(MU_BITS)? as u8,
+            shape: br.get(SHAPE_BITS)? as u8,
+            scale: br.get(SCALE_BITS)? as u8,
+        };
+        let w = if ch < alpha.first {
+            alpha.first_width
+        } else {
+            alpha.rest_width
+        };
+        let check = |field, v: u8, ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(DecodeError::InvalidField {
+                    field,
+                    value: v as u64,
+                })
+            }
+        };
+        check("model.rho", m.rho, (m.rho as usize) < RHOS.len())?;
+        check("model.mu2", m.mu2, m.mu2 as u32 <= 2 * w)?;
+        check("model.shape", m.shape, (m.shape as usize) < SHAPES)?;
+        check("model.scale", m.scale, (m.scale as usize) < SCALES)?;
+        models.push(m);
+    }
+    let wb = &bytes[ml..];
+    if wb.len() % 2 != 0 {
+        return Err(DecodeError::TrailingBytes(1));
+    }
+    let mut words: Vec<u16> = Vec::with_capacity(wb.len() / 2 + 1);
+    words.extend(wb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
+    let real = words.len();
+    words.push(0); // pad: lets the refill read unconditionally
+    let mut states = [0u32; LANES];
+    for (j, st) in states.iter_mut().enumerate() {
+        *st = (words[2 * j] as u32) << 16 | words[2 * j + 1] as u32;
+    }
+    let mut pos = 2 * LANES;
+    let lanes = lanes_of(&models, alpha, &sets);
+    let mut bad = false;
+    for g in 0..channels.div_ceil(LANES) {
+        let c0 = g * LANES;
+        let k = LANES.min(channels - c0);
+        let ls = &lanes[c0..c0 + k];
+        let ss = &mut syms[c0 * n..(c0 + k) * n];
+        match k {
+            LANES => bad |= decode_group::<LANES>(ls, ss, n, &mut states, &words, &mut pos),
+            _ => {
+                for j in 0..k {
+                    bad |= decode_group::<1>(
+                        &ls[j..j + 1],
+                        &mut ss[j * n..(j + 1) * n],
+                        n,
+                        &mut states[j..j + 1],
+                        &words,
+                        &mut pos,
+                    );
+                }
+            }
+        }
+    }
+    if bad {
+        return Err(DecodeError::SymbolOutOfRange { stream: 0 });
+    }
+    if pos != real || states.iter().any(|&s| s != RANS_L) {
+        return Err(DecodeError::CorruptStream { stream: 0 });
+    }
+    Ok(())
+}
+
+/// Decodes `L` lanes forwards; returns whether a symbol left its alphabet.
+#[inline(always)]
+fn decode_group<const L: usize>(
+    ls: &[Lane<'_>],
+    ss: &mut [u8],
+    n: usize,
+    states: &mut [u32],
+    words: &[u16],
+    pos: &mut usize,
+) -> bool {
+    let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
+    let states: &mut [u32; L] = states.try_into().expect("L states");
+    let mut prev2: [u32; L] = std::array::from_fn(|j| ls[j].pred.first);
+    let tabs: [[&DecTable; 2]; L] =
+        std::array::from_fn(|j| [&ls[j].tables[0].dec, &ls[j].tables[1].dec]);
+    let mut bad = 0u32;
+    for t in 0..n {
+        for j in 0..L {
+            let p2 = prev2[j];
+            let r = rans::decode(&mut states[j], tabs[j][(p2 & 1) as usize], words, pos);
+            let s = ((p2 >> 1) + r).wrapping_sub(ls[j].width);
+            bad |= (s > ls[j].width) as u32;
+            ss[j * n + t] = s as u8;
+            prev2[j] = ls[j].pred.next(s & 0xFF);
+        }
+    }
+    bad != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    #[test]
+    fn round_trip_random_channels() {
+        let mut seed = 7;
+        for (channels, n, first) in [
+            (1, 1, 1),
+            (3, 5, 2),
+            (24, 256, 12),
+            (17, 100, 9),
+            (8, 1, 4),
+            (20, 3, 20),
+        ] {
+            let alpha = ChannelAlphabets {
+                first,
+                first_width: 30,
+                rest_width: 14,
+            };
+            let mut syms = vec![0u8; channels * n];
+            for ch in 0..channels {
+                let w = if ch < first { 30 } else { 14 };
+                let mut v = w / 2;
+                for t in 0..n {
+                    if lcg(&mut seed) % 3 == 0 {
+                        v = (v as i32 + (lcg(&mut seed) % 5) as i32 - 2).clamp(0, w as i32) as u32;
+                    }
+                    syms[ch * n + t] = match ch % 5 {
+                        4 => (lcg(&mut seed) % (w + 1)) as u8,
+                        3 => w as u8, // extreme constant channel
+                        _ => v as u8,
+                    };
+                }
+            }
+            let mut out = Vec::new();
+            encode_channels(&syms, n, alpha, &mut out);
+            let mut back = vec![0u8; channels * n];
+            decode_channels(&out, n, alpha, &mut back).unwrap();
+            assert_eq!(back, syms, "channels {channels} n {n}");
+            // Corruption and truncation give an error or other symbols, never a panic.
+            let mut bad = out.clone();
+            let i = bad.len() / 2;
+            bad[i] ^= 0x5A;
+            let _ = decode_channels(&bad, n, alpha, &mut back);
+            assert!(decode_channels(&out[..out.len() - 2], n, alpha, &mut back).is_err());
+        }
+    }
+}

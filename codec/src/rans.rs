@@ -1,0 +1,158 @@
+//! The native entropy coder: 32-bit rANS with 16-bit words and interleaved lanes.
+//!
+//! Models (frequency tables normalized to [`PROB_SCALE`]) live in [`crate::model`]; this module
+//! only codes a symbol under a given table. The encoder runs backwards over the symbols and
+//! writes its words backwards, so the decoder reads them forwards.
+//!
+//! State invariant: `RANS_L <= x < RANS_L << 16` (so `x < 2^31`) between symbols. Encoding a
+//! symbol of frequency `f` first spills 16 bits if `x >= f << (31 - PROB_BITS)` (one spill
+//! always suffices), then `x' = (x / f) << PROB_BITS + x % f + start`. The division is a
+//! multiply by `m = ceil(2^(31+s) / f)` with `s = ceil(log2 f)`, which is exact for every
+//! `x < 2^31`: the error term `x·(m·f - 2^(31+s)) / (f·2^(31+s))` stays below `1/f`.
+//! Decoding inverts it with a slot table.
+
+/// Bits of probability precision: frequencies sum to `1 << PROB_BITS`.
+pub const PROB_BITS: u32 = 12;
+/// Sum of every table's frequencies.
+pub const PROB_SCALE: u32 = 1 << PROB_BITS;
+/// Lower bound of the coder state; also the state every lane starts and must end in.
+pub const RANS_L: u32 = 1 << 15;
+
+/// What the encoder needs to know of one symbol of a table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EncSymbol {
+    /// `ceil(2^(31+shift) / freq)`.
+    rcp: u64,
+    /// `31 + ceil(log2(freq))`.
+    shift: u32,
+    /// `freq << (31 - PROB_BITS)`: states at or above it spill a word first.
+    x_max: u32,
+    /// Cumulative frequency of the symbols before this one.
+    start: u32,
+    /// `PROB_SCALE - freq`.
+    cmpl: u32,
+}
+
+impl EncSymbol {
+    /// The coding parameters of a symbol with cumulative start `start` and frequency `freq`.
+    pub fn new(start: u32, freq: u32) -> Self {
+        debug_assert!(freq >= 1 && freq < PROB_SCALE && start + freq <= PROB_SCALE);
+        let s = 32 - (freq - 1).leading_zeros(); // ceil(log2 freq); 0 for freq 1
+        Self {
+            rcp: (1u64 << (31 + s)).div_ceil(freq as u64),
+            shift: 31 + s,
+            x_max: freq << (31 - PROB_BITS),
+            start,
+            cmpl: PROB_SCALE - freq,
+        }
+    }
+
+    /// Frequency.
+    pub const fn freq(&self) -> u32 {
+        PROB_SCALE - self.cmpl
+    }
+}
+
+/// Encodes one symbol into state `x`, writing a spilled word backwards into `words` below
+/// `*pos` (the caller sizes `words` for one word per symbol). Branch-free.
+#[inline(always)]
+pub fn encode_into(x: &mut u32, words: &mut [u16], pos: &mut usize, s: &EncSymbol) {
+    let v = *x;
+    let spill = v >= s.x_max;
+    // Always store; only advance when spilling (the slot is rewritten otherwise).
+    words[*pos - 1] = v as u16;
+    *pos -= spill as usize;
+    let v = v >> (16 * spill as u32);
+    let q = ((v as u64 * s.rcp) >> s.shift) as u32;
+    *x = v + s.start + q * s.cmpl;
+}
+
+/// A decoder's view of one table: the symbol of every slot, and each symbol's frequency and
+/// start.
+#[derive(Debug, Clone)]
+pub struct DecTable {
+    /// Symbol of each slot.
+    pub sym: Box<[u8; PROB_SCALE as usize]>,
+    /// `freq | start << 16` per symbol.
+    pub freq_start: Vec<u32>,
+}
+
+/// Decodes one symbol from state `x`, refilling from `words` at `*pos`. Reading past the real
+/// stream returns the pad word (the caller keeps one at the end); that stream is corrupt and
+/// the final state check reports it.
+#[inline(always)]
+pub fn decode(x: &mut u32, t: &DecTable, words: &[u16], pos: &mut usize) -> u32 {
+    let slot = *x & (PROB_SCALE - 1);
+    let sym = t.sym[slot as usize] as u32;
+    let fs = t.freq_start.get(sym as usize).copied().unwrap_or(1);
+    let v = (fs & 0xFFFF) * (*x >> PROB_BITS) + slot - (fs >> 16);
+    let need = (v < RANS_L) as u32;
+    let w = words[(*pos).min(words.len() - 1)] as u32;
+    *x = (v << (16 * need)) | (w & (0u32.wrapping_sub(need) & 0xFFFF));
+    *pos += need as usize;
+    sym
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reciprocal_division_is_exact() {
+        for f in [1u32, 2, 3, 5, 7, 100, 1000, 2049, 4095] {
+            let s = EncSymbol::new(0, f);
+            for x in [
+                0u32,
+                1,
+                2,
+                3,
+                f - 1,
+                f,
+                f + 1,
+                65535,
+                1 << 20,
+                (1 << 31) / 3,
+                (1 << 31) - 1,
+            ] {
+                let q = ((x as u64 * s.rcp) >> s.shift) as u32;
+                assert_eq!(q, x / f, "x={x} f={f}");
+            }
+        }
+    }
+
+    #[test]
+    fn round_trip_one_lane() {
+        // A 3-symbol table: freqs 2048, 1024, 1024.
+        let starts = [0u32, 2048, 3072];
+        let freqs = [2048u32, 1024, 1024];
+        let enc: Vec<_> = (0..3)
+            .map(|i| EncSymbol::new(starts[i], freqs[i]))
+            .collect();
+        let mut sym = Box::new([0u8; PROB_SCALE as usize]);
+        for s in 0..3 {
+            sym[starts[s] as usize..(starts[s] + freqs[s]) as usize].fill(s as u8);
+        }
+        let dt = DecTable {
+            sym,
+            freq_start: (0..3).map(|s| freqs[s] | starts[s] << 16).collect(),
+        };
+        let msg: Vec<u32> = (0..1000).map(|i| (i * 7 % 11 % 3) as u32).collect();
+        let mut x = RANS_L;
+        let mut words = vec![0u16; msg.len() + 2];
+        let mut pos = words.len();
+        for &m in msg.iter().rev() {
+            encode_into(&mut x, &mut words, &mut pos, &enc[m as usize]);
+        }
+        words[pos - 2] = (x >> 16) as u16;
+        words[pos - 1] = x as u16;
+        let mut words = words[pos - 2..].to_vec();
+        words.push(0);
+        let mut p = 2;
+        let mut y = (words[0] as u32) << 16 | words[1] as u32;
+        for &m in &msg {
+            assert_eq!(decode(&mut y, &dt, &words, &mut p), m);
+        }
+        assert_eq!(y, RANS_L);
+        assert_eq!(p, words.len() - 1);
+    }
+}
