@@ -442,7 +442,8 @@ mod tests {
             }
         }
         // HF element (l=1, V, h=2, t=3, d=1) sits at the C-order offset of that index.
-        let want = (((1 * 2 + 1) * 3 + 2) * 5 + 3) * 4 + 1;
+        let (l, s, h, t, d) = (1, 1, 2, 3, 1);
+        let want = (((l * 2 + s) * 3 + h) * 5 + t) * 4 + d;
         assert_eq!(hf.index(1, Part::V, 3, 2 * 4 + 1), want);
         assert_eq!(
             c.view()

@@ -51,7 +51,7 @@ pub struct ResidualTable {
     /// Encoder parameters per residual index (`r + half_width`).
     pub enc: Vec<EncSymbol>,
     /// Decoder tables.
-    pub dec: DecTable,
+    pub dec: Box<DecTable>,
     /// Code length in bits per residual index.
     pub cost: Vec<f32>,
 }
@@ -138,20 +138,16 @@ fn table_from_probabilities(p: &[f64]) -> ResidualTable {
         i += 1;
     }
     let mut enc = Vec::with_capacity(n);
-    let mut sym = Box::new([0u8; PROB_SCALE as usize]);
-    let mut freq_start = Vec::with_capacity(n);
     let mut cost = Vec::with_capacity(n);
     let mut start = 0u32;
-    for (r, &f) in freq.iter().enumerate() {
+    for &f in &freq {
         enc.push(EncSymbol::new(start, f));
-        sym[start as usize..(start + f) as usize].fill(r as u8);
-        freq_start.push(f | start << 16);
         cost.push((PROB_SCALE as f32 / f as f32).log2());
         start += f;
     }
     ResidualTable {
         enc,
-        dec: DecTable { sym, freq_start },
+        dec: DecTable::new(&freq),
         cost,
     }
 }

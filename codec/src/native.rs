@@ -1,5 +1,5 @@
 //! The native symbol coder of the `cg-*` levels: per-channel parametric models, prediction from
-//! the previous token, and 8-lane interleaved rANS.
+//! the previous token, and 4-lane interleaved rANS.
 //!
 //! A block holds the symbols of `channels` streams (K channels, then V channels) over `n`
 //! tokens, channel-major. For each channel the encoder picks a [`ChannelModel`]:
@@ -10,14 +10,15 @@
 //! * a residual `r = s[t] - (pred2 >> 1)`, coded with the family member
 //!   (`shape`, `scale`, offset `pred2 & 1`) of [`crate::model`].
 //!
-//! The encoder estimates `rho` from the channel's lag-1 autocorrelation, tries the two nearest
-//! weights, both shapes and the scales around the residuals' spread, and keeps the choice of
-//! least exact code length. A channel's model costs [`MODEL_BITS`] bits.
+//! The encoder picks `rho` from the channel's mean, variance and lag-1 covariance (the weight
+//! that leaves the least residual variance), then tries both shapes and the scales around the
+//! residuals' spread and keeps the choice of least exact code length. A channel's model costs [`MODEL_BITS`] bits.
 //!
 //! Lanes: channels are taken [`LANES`] at a time; within such a group, token by token, lane `j`
 //! codes channel `group·LANES + j`. A lane's symbols depend only on its own earlier ones, so
-//! the decoder runs `LANES` independent dependency chains. All lanes share one word stream:
-//! the encoder writes it backwards from the end of a buffer, so the decoder reads forwards.
+//! the decoder runs `LANES` independent dependency chains. Each lane has its own word stream
+//! (a shared one would chain every lane's refill to the previous lane's), written backwards
+//! by the encoder so the decoder reads it forwards.
 
 use crate::bits::{BitReader, BitWriter};
 use crate::error::DecodeError;
@@ -25,7 +26,7 @@ use crate::model::{member, scale_index, ModelSet, ResidualTable, SCALES, SHAPES}
 use crate::rans::{self, DecTable, EncSymbol, RANS_L};
 
 /// Interleaved rANS lanes per block.
-pub const LANES: usize = 8;
+pub const LANES: usize = 4;
 /// Bits of one channel's model description.
 pub const MODEL_BITS: u32 = RHO_BITS + MU_BITS + SHAPE_BITS + SCALE_BITS;
 const RHO_BITS: u32 = 3;
@@ -95,94 +96,89 @@ pub fn choose_model(syms: &[u8], set: &ModelSet) -> ChannelModel {
     let var = s2 as f64 / nf - mean * mean;
     let cov = lag as f64 / nf - mean * mean;
     let mu2 = ((2 * s1 + n as u64 / 2) / n as u64).min(2 * w as u64) as u8;
-    // Candidate weights: the two multiples of 1/4 around the lag-1 autocorrelation.
-    let rho_hat = if var > 1e-9 {
-        (cov / var).clamp(0.0, 1.0)
-    } else {
-        0.0
+    // The weight whose prediction leaves the least residual variance:
+    // var(s[t] - rho·s[t-1] - (1-rho)·mean) = var·(1 + rho²) - 2·rho·cov.
+    let rho = (0..RHOS.len())
+        .min_by(|&a, &b| {
+            let f = |i: usize| {
+                let r = RHOS[i] as f64 / 8.0;
+                var * (1.0 + r * r) - 2.0 * r * cov
+            };
+            f(a).total_cmp(&f(b))
+        })
+        .unwrap_or(0);
+    let m = ChannelModel {
+        rho: rho as u8,
+        mu2,
+        ..Default::default()
     };
-    let r0 = ((rho_hat * 4.0).floor() as usize).min(RHOS.len() - 1);
-    let candidates = [r0, (r0 + 1).min(RHOS.len() - 1)];
+    let p = Predictor::new(&m);
     let nr = 2 * w as usize + 1;
+    // Two histograms, even and odd tokens: runs of equal residuals would otherwise serialize
+    // on store-to-load forwarding of one counter.
     let mut hist = [[0u32; 2 * 63 + 1]; 2];
     let mut hist2 = [[0u32; 2 * 63 + 1]; 2];
-    let mut best = (f32::INFINITY, ChannelModel::default());
-    for (ci, &rho) in candidates.iter().enumerate() {
-        if ci == 1 && rho == candidates[0] {
-            break;
+    let mut sq = 0u64;
+    let mut p2 = p.first;
+    for pair in syms.chunks(2) {
+        for (k, &s) in pair.iter().enumerate() {
+            let r = (s as u32 + w - (p2 >> 1)) as usize;
+            let h = if k == 0 { &mut hist } else { &mut hist2 };
+            h[(p2 & 1) as usize][r] += 1;
+            let dev = 2 * s as i64 - p2 as i64;
+            sq += (dev * dev) as u64;
+            p2 = p.next(s as u32);
         }
-        let m = ChannelModel {
-            rho: rho as u8,
-            mu2,
-            ..Default::default()
+    }
+    for (a, b) in hist.iter_mut().zip(&hist2) {
+        for (x, y) in a[..nr].iter_mut().zip(&b[..nr]) {
+            *x += y;
+        }
+    }
+    let sd = ((sq as f64 / nf).sqrt() / 2.0).max(1e-3);
+    let (lo, hi) = nonzero_span(&hist, nr);
+    let mut best = (f32::INFINITY, m);
+    for shape in 0..SHAPES {
+        // Laplace's standard deviation is b·√2, Gauss's is b.
+        let b = if shape == 0 {
+            sd / std::f64::consts::SQRT_2
+        } else {
+            sd
         };
-        let p = Predictor::new(&m);
-        for h in hist.iter_mut().chain(hist2.iter_mut()) {
-            h[..nr].fill(0);
-        }
-        let mut sq = 0u64;
-        let mut p2 = p.first;
-        // Two histograms, even and odd tokens: consecutive equal residuals would otherwise
-        // serialize on store-to-load forwarding of one counter.
-        for pair in syms.chunks(2) {
-            for (k, &s) in pair.iter().enumerate() {
-                let r = (s as u32 + w - (p2 >> 1)) as usize;
-                let h = if k == 0 { &mut hist } else { &mut hist2 };
-                h[(p2 & 1) as usize][r] += 1;
-                let dev = 2 * s as i64 - p2 as i64;
-                sq += (dev * dev) as u64;
-                p2 = p.next(s as u32);
-            }
-        }
-        for (a, b) in hist.iter_mut().zip(&hist2) {
-            for (x, y) in a[..nr].iter_mut().zip(&b[..nr]) {
-                *x += y;
-            }
-        }
-        let sd = ((sq as f64 / nf).sqrt() / 2.0).max(1e-3);
-        let (lo, hi) = nonzero_span(&hist, nr);
-        for shape in 0..SHAPES {
-            // Laplace's standard deviation is b·√2, Gauss's is b.
-            let b = if shape == 0 {
-                sd / std::f64::consts::SQRT_2
-            } else {
-                sd
-            };
-            let cost = |k: usize| -> f32 {
-                let mut c = 0f32;
-                for (off, h) in hist.iter().enumerate() {
-                    let t = &set.tables[member(shape, k, off)].cost;
-                    for r in lo..hi {
-                        c += h[r] as f32 * t[r];
-                    }
-                }
-                c
-            };
-            let k0 = scale_index(b);
-            let (mut k, mut ck) = (k0, cost(k0));
-            for dir in [1isize, -1] {
-                loop {
-                    let nk = k as isize + dir;
-                    if nk < 0 || nk >= SCALES as isize {
-                        break;
-                    }
-                    let c = cost(nk as usize);
-                    if c >= ck {
-                        break;
-                    }
-                    (k, ck) = (nk as usize, c);
+        let cost = |k: usize| -> f32 {
+            let mut c = 0f32;
+            for (off, h) in hist.iter().enumerate() {
+                let t = &set.tables[member(shape, k, off)].cost;
+                for r in lo..hi {
+                    c += h[r] as f32 * t[r];
                 }
             }
-            if ck < best.0 {
-                best = (
-                    ck,
-                    ChannelModel {
-                        shape: shape as u8,
-                        scale: k as u8,
-                        ..m
-                    },
-                );
+            c
+        };
+        let k0 = scale_index(b);
+        let (mut k, mut ck) = (k0, cost(k0));
+        for dir in [1isize, -1] {
+            loop {
+                let nk = k as isize + dir;
+                if nk < 0 || nk >= SCALES as isize {
+                    break;
+                }
+                let c = cost(nk as usize);
+                if c >= ck {
+                    break;
+                }
+                (k, ck) = (nk as usize, c);
             }
+        }
+        if ck < best.0 {
+            best = (
+                ck,
+                ChannelModel {
+                    shape: shape as u8,
+                    scale: k as u8,
+                    ..m
+                },
+            );
         }
     }
     best.1
@@ -241,8 +237,8 @@ fn lanes_of<'a>(
 }
 
 /// Appends the coded form of channel-major `syms` (`channels × n`, each symbol within its
-/// channel's alphabet) to `out`: the models bit-packed, then the rANS words (lane states
-/// first), little-endian.
+/// channel's alphabet) to `out`: the models bit-packed, then [`LANES`] word counts (`u32`),
+/// then each lane's words (its initial state first, high half first), little-endian.
 pub fn encode_channels(syms: &[u8], n: usize, alpha: ChannelAlphabets, out: &mut Vec<u8>) {
     let channels = syms.len() / n;
     let sets = [
@@ -267,42 +263,59 @@ pub fn encode_channels(syms: &[u8], n: usize, alpha: ChannelAlphabets, out: &mut
     out.extend_from_slice(&bw.finish());
 
     let lanes = lanes_of(&models, alpha, &sets);
-    // At most one word per symbol, plus the final states.
-    let mut words = vec![0u16; syms.len() + 2 * LANES];
-    let mut pos = words.len();
-    let mut states = [RANS_L; LANES];
+    // Each lane has its own word stream, written backwards: at most one word per symbol, plus
+    // the final state.
     let groups = channels.div_ceil(LANES);
+    let mut bufs: Vec<LaneWords> = (0..LANES)
+        .map(|j| {
+            let syms_in_lane = (0..groups).filter(|g| g * LANES + j < channels).count() * n;
+            let len = syms_in_lane + 2;
+            LaneWords {
+                buf: vec![0; len],
+                pos: len,
+            }
+        })
+        .collect();
+    let mut states = [RANS_L; LANES];
     for g in (0..groups).rev() {
         let c0 = g * LANES;
         let k = LANES.min(channels - c0);
         let ls = &lanes[c0..c0 + k];
         let ss = &syms[c0 * n..(c0 + k) * n];
-        match k {
-            LANES => encode_group::<LANES>(ls, ss, n, &mut states, &mut words, &mut pos),
-            _ => {
-                for j in (0..k).rev() {
-                    // A partial group: code its lanes one after another (still independent).
-                    encode_group::<1>(
-                        &ls[j..j + 1],
-                        &ss[j * n..(j + 1) * n],
-                        n,
-                        &mut states[j..j + 1],
-                        &mut words,
-                        &mut pos,
-                    );
-                }
+        if k == LANES {
+            encode_group::<LANES>(ls, ss, n, &mut states, &mut bufs);
+        } else {
+            for j in (0..k).rev() {
+                encode_group::<1>(
+                    &ls[j..j + 1],
+                    &ss[j * n..(j + 1) * n],
+                    n,
+                    &mut states[j..j + 1],
+                    &mut bufs[j..j + 1],
+                );
             }
         }
     }
-    for (j, &x) in states.iter().enumerate() {
-        words[pos - 2 * LANES + 2 * j] = (x >> 16) as u16;
-        words[pos - 2 * LANES + 2 * j + 1] = x as u16;
+    for (b, &x) in bufs.iter_mut().zip(&states) {
+        b.pos -= 2;
+        b.buf[b.pos] = (x >> 16) as u16;
+        b.buf[b.pos + 1] = x as u16;
     }
-    pos -= 2 * LANES;
-    out.reserve(2 * (words.len() - pos));
-    for w in &words[pos..] {
-        out.extend_from_slice(&w.to_le_bytes());
+    for b in &bufs {
+        out.extend_from_slice(&((b.buf.len() - b.pos) as u32).to_le_bytes());
     }
+    for b in &bufs {
+        out.reserve(2 * (b.buf.len() - b.pos));
+        for w in &b.buf[b.pos..] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+/// One lane's word stream while encoding: words are written backwards below `pos`.
+struct LaneWords {
+    buf: Vec<u16>,
+    pos: usize,
 }
 
 /// Encodes `L` lanes (channels `ls`, symbols `ss`, channel-major) backwards.
@@ -312,11 +325,11 @@ fn encode_group<const L: usize>(
     ss: &[u8],
     n: usize,
     states: &mut [u32],
-    words: &mut [u16],
-    pos: &mut usize,
+    bufs: &mut [LaneWords],
 ) {
     let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
     let states: &mut [u32; L] = states.try_into().expect("L states");
+    let bufs: &mut [LaneWords; L] = bufs.try_into().expect("L streams");
     for t in (0..n).rev() {
         for j in (0..L).rev() {
             let lane = &ls[j];
@@ -328,7 +341,8 @@ fn encode_group<const L: usize>(
             };
             let r = (s[t] as u32 + lane.width - (p2 >> 1)) as usize;
             let e: &EncSymbol = &lane.tables[(p2 & 1) as usize].enc[r];
-            rans::encode_into(&mut states[j], words, pos, e);
+            let b = &mut bufs[j];
+            rans::encode_into(&mut states[j], &mut b.buf, &mut b.pos, e);
         }
     }
 }
@@ -392,19 +406,35 @@ pub fn decode_channels(
         check("model.scale", m.scale, (m.scale as usize) < SCALES)?;
         models.push(m);
     }
-    let wb = &bytes[ml..];
-    if wb.len() % 2 != 0 {
-        return Err(DecodeError::TrailingBytes(1));
+    let mut r = crate::bits::ByteReader::new(&bytes[ml..]);
+    let mut counts = [0usize; LANES];
+    for c in counts.iter_mut() {
+        *c = r.u32()? as usize;
+        if *c < 2 {
+            return Err(DecodeError::CorruptStream { stream: 0 });
+        }
     }
-    let mut words: Vec<u16> = Vec::with_capacity(wb.len() / 2 + 1);
-    words.extend(wb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
-    let real = words.len();
-    words.push(0); // pad: lets the refill read unconditionally
-    let mut states = [0u32; LANES];
-    for (j, st) in states.iter_mut().enumerate() {
-        *st = (words[2 * j] as u32) << 16 | words[2 * j + 1] as u32;
+    let total: usize = counts
+        .iter()
+        .try_fold(0usize, |a, &c| a.checked_add(c))
+        .unwrap_or(usize::MAX);
+    if total.checked_mul(2) != Some(r.remaining()) {
+        return Err(DecodeError::CorruptStream { stream: 0 });
     }
-    let mut pos = 2 * LANES;
+    let wb = r.take(r.remaining())?;
+    let words: Vec<u16> = wb
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let mut starts = [0usize; LANES];
+    for j in 1..LANES {
+        starts[j] = starts[j - 1] + counts[j - 1];
+    }
+    let mut streams: [LaneStream<'_>; LANES] = std::array::from_fn(|j| LaneStream {
+        words: &words[starts[j]..starts[j] + counts[j]],
+        pos: 2,
+        x: (words[starts[j]] as u32) << 16 | words[starts[j] + 1] as u32,
+    });
     let lanes = lanes_of(&models, alpha, &sets);
     let mut bad = false;
     for g in 0..channels.div_ceil(LANES) {
@@ -412,29 +442,36 @@ pub fn decode_channels(
         let k = LANES.min(channels - c0);
         let ls = &lanes[c0..c0 + k];
         let ss = &mut syms[c0 * n..(c0 + k) * n];
-        match k {
-            LANES => bad |= decode_group::<LANES>(ls, ss, n, &mut states, &words, &mut pos),
-            _ => {
-                for j in 0..k {
-                    bad |= decode_group::<1>(
-                        &ls[j..j + 1],
-                        &mut ss[j * n..(j + 1) * n],
-                        n,
-                        &mut states[j..j + 1],
-                        &words,
-                        &mut pos,
-                    );
-                }
+        if k == LANES {
+            bad |= decode_group::<LANES>(ls, ss, n, &mut streams);
+        } else {
+            for j in 0..k {
+                bad |= decode_group::<1>(
+                    &ls[j..j + 1],
+                    &mut ss[j * n..(j + 1) * n],
+                    n,
+                    &mut streams[j..j + 1],
+                );
             }
         }
     }
     if bad {
         return Err(DecodeError::SymbolOutOfRange { stream: 0 });
     }
-    if pos != real || states.iter().any(|&s| s != RANS_L) {
-        return Err(DecodeError::CorruptStream { stream: 0 });
+    for (j, st) in streams.iter().enumerate() {
+        if st.pos != counts[j] || st.x != RANS_L {
+            return Err(DecodeError::CorruptStream { stream: j });
+        }
     }
     Ok(())
+}
+
+/// One lane's state and word stream while decoding.
+struct LaneStream<'a> {
+    /// The lane's words.
+    words: &'a [u16],
+    pos: usize,
+    x: u32,
 }
 
 /// Decodes `L` lanes forwards; returns whether a symbol left its alphabet.
@@ -443,24 +480,41 @@ fn decode_group<const L: usize>(
     ls: &[Lane<'_>],
     ss: &mut [u8],
     n: usize,
-    states: &mut [u32],
-    words: &[u16],
-    pos: &mut usize,
+    streams: &mut [LaneStream<'_>],
 ) -> bool {
     let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
-    let states: &mut [u32; L] = states.try_into().expect("L states");
-    let mut prev2: [u32; L] = std::array::from_fn(|j| ls[j].pred.first);
+    let streams: &mut [LaneStream<'_>; L] = streams.try_into().expect("L streams");
+    // Per lane: the prediction (half units) after each possible symbol, and the two tables.
+    let mut next = [[0u8; 64]; L];
+    for (nx, l) in next.iter_mut().zip(ls) {
+        for (s, e) in nx.iter_mut().enumerate().take(l.width as usize + 1) {
+            *e = l.pred.next(s as u32) as u8;
+        }
+    }
     let tabs: [[&DecTable; 2]; L] =
-        std::array::from_fn(|j| [&ls[j].tables[0].dec, &ls[j].tables[1].dec]);
+        std::array::from_fn(|j| [&*ls[j].tables[0].dec, &*ls[j].tables[1].dec]);
+    let width: [u32; L] = std::array::from_fn(|j| ls[j].width);
+    let mut p2: [u32; L] = std::array::from_fn(|j| ls[j].pred.first);
     let mut bad = 0u32;
+    let outs: [&mut [u8]; L] = {
+        let mut it = ss.chunks_exact_mut(n);
+        std::array::from_fn(|_| it.next().unwrap_or_default())
+    };
     for t in 0..n {
         for j in 0..L {
-            let p2 = prev2[j];
-            let r = rans::decode(&mut states[j], tabs[j][(p2 & 1) as usize], words, pos);
-            let s = ((p2 >> 1) + r).wrapping_sub(ls[j].width);
-            bad |= (s > ls[j].width) as u32;
-            ss[j * n + t] = s as u8;
-            prev2[j] = ls[j].pred.next(s & 0xFF);
+            let st = &mut streams[j];
+            let r = rans::decode(
+                &mut st.x,
+                tabs[j][(p2[j] & 1) as usize],
+                st.words,
+                &mut st.pos,
+            );
+            let s = ((p2[j] >> 1) + r).wrapping_sub(width[j]);
+            bad |= (s > width[j]) as u32;
+            if let Some(o) = outs[j].get_mut(t) {
+                *o = s as u8;
+            }
+            p2[j] = next[j][(s & 63) as usize] as u32;
         }
     }
     bad != 0

@@ -36,7 +36,7 @@ pub struct EncSymbol {
 impl EncSymbol {
     /// The coding parameters of a symbol with cumulative start `start` and frequency `freq`.
     pub fn new(start: u32, freq: u32) -> Self {
-        debug_assert!(freq >= 1 && freq < PROB_SCALE && start + freq <= PROB_SCALE);
+        debug_assert!((1..PROB_SCALE).contains(&freq) && start + freq <= PROB_SCALE);
         let s = 32 - (freq - 1).leading_zeros(); // ceil(log2 freq); 0 for freq 1
         Self {
             rcp: (1u64 << (31 + s)).div_ceil(freq as u64),
@@ -68,26 +68,44 @@ pub fn encode_into(x: &mut u32, words: &mut [u16], pos: &mut usize, s: &EncSymbo
 }
 
 /// A decoder's view of one table: the symbol of every slot, and each symbol's frequency and
-/// start.
+/// start. Fixed-size arrays indexed by masked values, so lookups need no bounds checks.
 #[derive(Debug, Clone)]
 pub struct DecTable {
     /// Symbol of each slot.
-    pub sym: Box<[u8; PROB_SCALE as usize]>,
-    /// `freq | start << 16` per symbol.
-    pub freq_start: Vec<u32>,
+    pub sym: [u8; PROB_SCALE as usize],
+    /// `freq | start << 16` per symbol (unused entries hold `1`).
+    pub freq_start: [u32; 256],
 }
 
-/// Decodes one symbol from state `x`, refilling from `words` at `*pos`. Reading past the real
-/// stream returns the pad word (the caller keeps one at the end); that stream is corrupt and
-/// the final state check reports it.
+impl DecTable {
+    /// A table for symbols of frequencies `freqs` (in symbol order), which sum to
+    /// [`PROB_SCALE`].
+    pub fn new(freqs: &[u32]) -> Box<Self> {
+        let mut t = Box::new(Self {
+            sym: [0; PROB_SCALE as usize],
+            freq_start: [1; 256],
+        });
+        let mut start = 0u32;
+        for (s, &f) in freqs.iter().enumerate() {
+            t.sym[start as usize..(start + f) as usize].fill(s as u8);
+            t.freq_start[s] = f | start << 16;
+            start += f;
+        }
+        t
+    }
+}
+
+/// Decodes one symbol from state `x`, refilling from `words` at `*pos`. Reading past the end
+/// yields zeros; such a stream is corrupt and the caller's final state check reports it.
 #[inline(always)]
 pub fn decode(x: &mut u32, t: &DecTable, words: &[u16], pos: &mut usize) -> u32 {
     let slot = *x & (PROB_SCALE - 1);
-    let sym = t.sym[slot as usize] as u32;
-    let fs = t.freq_start.get(sym as usize).copied().unwrap_or(1);
+    let sym = t.sym[slot as usize];
+    let fs = t.freq_start[sym as usize];
+    let sym = sym as u32;
     let v = (fs & 0xFFFF) * (*x >> PROB_BITS) + slot - (fs >> 16);
     let need = (v < RANS_L) as u32;
-    let w = words[(*pos).min(words.len() - 1)] as u32;
+    let w = words.get(*pos).copied().unwrap_or(0) as u32;
     *x = (v << (16 * need)) | (w & (0u32.wrapping_sub(need) & 0xFFFF));
     *pos += need as usize;
     sym
@@ -128,14 +146,7 @@ mod tests {
         let enc: Vec<_> = (0..3)
             .map(|i| EncSymbol::new(starts[i], freqs[i]))
             .collect();
-        let mut sym = Box::new([0u8; PROB_SCALE as usize]);
-        for s in 0..3 {
-            sym[starts[s] as usize..(starts[s] + freqs[s]) as usize].fill(s as u8);
-        }
-        let dt = DecTable {
-            sym,
-            freq_start: (0..3).map(|s| freqs[s] | starts[s] << 16).collect(),
-        };
+        let dt = DecTable::new(&freqs);
         let msg: Vec<u32> = (0..1000).map(|i| (i * 7 % 11 % 3) as u32).collect();
         let mut x = RANS_L;
         let mut words = vec![0u16; msg.len() + 2];

@@ -4,6 +4,7 @@
 //! * [`cdf`]: the integer CDF of one (row, channel) over a chunk's tokens.
 //! * [`range`]: the 32-bit range coder with 16-bit CDFs, one independent stream per
 //!   (row, channel, 256-token group), MSB-first bits, bytes past the end read as zero.
+//!
 //! The `lmcache` level's blocks are assembled in `container::block`.
 
 pub mod cdf;
