@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::rans::{DecTable, EncSymbol, PROB_SCALE};
+use crate::rans::{DecPair, EncSymbol, PROB_SCALE};
 
 /// Shapes in the family.
 pub const SHAPES: usize = 2;
@@ -45,15 +45,15 @@ pub const fn member(shape: usize, scale: usize, offset: usize) -> usize {
     (shape * SCALES + scale) * 2 + offset
 }
 
-/// One member of the family: encode symbols, decode slots and code lengths per residual.
+/// One member of the family: encoder parameters and code lengths per residual.
 #[derive(Debug)]
 pub struct ResidualTable {
     /// Encoder parameters per residual index (`r + half_width`).
     pub enc: Vec<EncSymbol>,
-    /// Decoder tables.
-    pub dec: Box<DecTable>,
     /// Code length in bits per residual index.
     pub cost: Vec<f32>,
+    /// Frequency per residual index.
+    pub freq: Vec<u32>,
 }
 
 /// Every member for one residual alphabet `-half_width ..= half_width`.
@@ -63,6 +63,8 @@ pub struct ModelSet {
     pub half_width: u32,
     /// `member(shape, scale, offset)` -> table.
     pub tables: Vec<ResidualTable>,
+    /// `member(shape, scale, 0) / 2` -> the decoder tables of both offsets.
+    pub dec: Vec<Box<DecPair>>,
 }
 
 impl ModelSet {
@@ -78,7 +80,15 @@ impl ModelSet {
                 }
             }
         }
-        Self { half_width, tables }
+        let dec = tables
+            .chunks_exact(2)
+            .map(|p| DecPair::new([&p[0].freq, &p[1].freq]))
+            .collect();
+        Self {
+            half_width,
+            tables,
+            dec,
+        }
     }
 
     /// The shared model set of `half_width`, built on first use.
@@ -145,11 +155,7 @@ fn table_from_probabilities(p: &[f64]) -> ResidualTable {
         cost.push((PROB_SCALE as f32 / f as f32).log2());
         start += f;
     }
-    ResidualTable {
-        enc,
-        dec: DecTable::new(&freq),
-        cost,
-    }
+    ResidualTable { enc, cost, freq }
 }
 
 #[cfg(test)]

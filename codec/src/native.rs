@@ -14,8 +14,9 @@
 //! that leaves the least residual variance), then tries both shapes and the scales around the
 //! residuals' spread and keeps the choice of least exact code length. A channel's model costs [`MODEL_BITS`] bits.
 //!
-//! Lanes: channels are taken [`LANES`] at a time; within such a group, token by token, lane `j`
-//! codes channel `group·LANES + j`. A lane's symbols depend only on its own earlier ones, so
+//! Lanes: the K channels, then the V channels, are taken [`LANES`] at a time; within such a
+//! group, token by token, lane `j` codes the group's channel `j` (a partial group at the end of
+//! a part codes its lanes one after another). A lane's symbols depend only on its own earlier ones, so
 //! the decoder runs `LANES` independent dependency chains. Each lane has its own word stream
 //! (a shared one would chain every lane's refill to the previous lane's), written backwards
 //! by the encoder so the decoder reads it forwards.
@@ -23,7 +24,7 @@
 use crate::bits::{BitReader, BitWriter};
 use crate::error::DecodeError;
 use crate::model::{member, scale_index, ModelSet, ResidualTable, SCALES, SHAPES};
-use crate::rans::{self, DecTable, EncSymbol, RANS_L};
+use crate::rans::{self, DecPair, EncSymbol, RANS_L};
 
 /// Interleaved rANS lanes per block.
 pub const LANES: usize = 4;
@@ -213,6 +214,7 @@ pub struct ChannelAlphabets {
 struct Lane<'a> {
     pred: Predictor,
     tables: [&'a ResidualTable; 2],
+    dec: &'a DecPair,
     width: u32,
 }
 
@@ -230,6 +232,7 @@ fn lanes_of<'a>(
             Lane {
                 pred: Predictor::new(m),
                 tables: [t(0), t(1)],
+                dec: &set.dec[member(m.shape as usize, m.scale as usize, 0) / 2],
                 width: set.half_width,
             }
         })
@@ -265,21 +268,16 @@ pub fn encode_channels(syms: &[u8], n: usize, alpha: ChannelAlphabets, out: &mut
     let lanes = lanes_of(&models, alpha, &sets);
     // Each lane has its own word stream, written backwards: at most one word per symbol, plus
     // the final state.
-    let groups = channels.div_ceil(LANES);
-    let mut bufs: Vec<LaneWords> = (0..LANES)
-        .map(|j| {
-            let syms_in_lane = (0..groups).filter(|g| g * LANES + j < channels).count() * n;
-            let len = syms_in_lane + 2;
-            LaneWords {
-                buf: vec![0; len],
-                pos: len,
-            }
+    let mut bufs: Vec<LaneWords> = lane_symbols(alpha, channels, n)
+        .iter()
+        .map(|&syms_in_lane| LaneWords {
+            buf: vec![0; syms_in_lane + 2],
+            pos: syms_in_lane + 2,
         })
         .collect();
     let mut states = [RANS_L; LANES];
-    for g in (0..groups).rev() {
-        let c0 = g * LANES;
-        let k = LANES.min(channels - c0);
+    let all: Vec<(usize, usize)> = groups(alpha, channels).collect();
+    for &(c0, k) in all.iter().rev() {
         let ls = &lanes[c0..c0 + k];
         let ss = &syms[c0 * n..(c0 + k) * n];
         if k == LANES {
@@ -422,35 +420,39 @@ pub fn decode_channels(
         return Err(DecodeError::CorruptStream { stream: 0 });
     }
     let wb = r.take(r.remaining())?;
-    let words: Vec<u16> = wb
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect();
+    // Each lane's words, then one zero word per symbol the lane decodes: a refill can then
+    // never index past the end, whatever the words say (a stream that reads its padding is
+    // corrupt, which the final checks report).
+    let lane_syms = lane_symbols(alpha, channels, n);
+    let mut words: Vec<u16> = Vec::with_capacity(total + channels * n);
     let mut starts = [0usize; LANES];
-    for j in 1..LANES {
-        starts[j] = starts[j - 1] + counts[j - 1];
+    let mut wi = wb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    for j in 0..LANES {
+        starts[j] = words.len();
+        words.extend(wi.by_ref().take(counts[j]));
+        words.resize(words.len() + lane_syms[j], 0);
     }
-    let mut streams: [LaneStream<'_>; LANES] = std::array::from_fn(|j| LaneStream {
-        words: &words[starts[j]..starts[j] + counts[j]],
-        pos: 2,
-        x: (words[starts[j]] as u32) << 16 | words[starts[j] + 1] as u32,
-    });
+    let mut x: [u32; LANES] =
+        std::array::from_fn(|j| (words[starts[j]] as u32) << 16 | words[starts[j] + 1] as u32);
+    let mut pos: [usize; LANES] = std::array::from_fn(|j| starts[j] + 2);
     let lanes = lanes_of(&models, alpha, &sets);
     let mut bad = false;
-    for g in 0..channels.div_ceil(LANES) {
-        let c0 = g * LANES;
-        let k = LANES.min(channels - c0);
+    for (c0, k) in groups(alpha, channels) {
         let ls = &lanes[c0..c0 + k];
         let ss = &mut syms[c0 * n..(c0 + k) * n];
+        let w = ls[0].width;
         if k == LANES {
-            bad |= decode_group::<LANES>(ls, ss, n, &mut streams);
+            bad |= decode_group::<LANES>(ls, ss, n, w, &words, &mut x, &mut pos);
         } else {
             for j in 0..k {
                 bad |= decode_group::<1>(
                     &ls[j..j + 1],
                     &mut ss[j * n..(j + 1) * n],
                     n,
-                    &mut streams[j..j + 1],
+                    w,
+                    &words,
+                    &mut x[j..j + 1],
+                    &mut pos[j..j + 1],
                 );
             }
         }
@@ -458,66 +460,74 @@ pub fn decode_channels(
     if bad {
         return Err(DecodeError::SymbolOutOfRange { stream: 0 });
     }
-    for (j, st) in streams.iter().enumerate() {
-        if st.pos != counts[j] || st.x != RANS_L {
+    for j in 0..LANES {
+        if pos[j] != starts[j] + counts[j] || x[j] != RANS_L {
             return Err(DecodeError::CorruptStream { stream: j });
         }
     }
     Ok(())
 }
 
-/// One lane's state and word stream while decoding.
-struct LaneStream<'a> {
-    /// The lane's words.
-    words: &'a [u16],
-    pos: usize,
-    x: u32,
+/// The lane groups of a block: `(first channel, lanes)`, [`LANES`] channels at a time within
+/// the K channels, then within the V channels (so a group shares one alphabet); the last group
+/// of each part may be partial.
+fn groups(alpha: ChannelAlphabets, channels: usize) -> impl Iterator<Item = (usize, usize)> {
+    let part = |lo: usize, hi: usize| {
+        (lo..hi)
+            .step_by(LANES)
+            .map(move |c0| (c0, LANES.min(hi - c0)))
+    };
+    part(0, alpha.first.min(channels)).chain(part(alpha.first.min(channels), channels))
 }
 
-/// Decodes `L` lanes forwards; returns whether a symbol left its alphabet.
+/// Symbols each lane codes.
+fn lane_symbols(alpha: ChannelAlphabets, channels: usize, n: usize) -> [usize; LANES] {
+    let mut per = [0usize; LANES];
+    for (_, k) in groups(alpha, channels) {
+        for p in per.iter_mut().take(k) {
+            *p += n;
+        }
+    }
+    per
+}
+
+/// Decodes `L` lanes forwards (alphabet half width `w`); returns whether a symbol left the
+/// alphabet. Lane `j` reads `words` at `pos[j]`, which the caller's padding keeps in bounds.
 #[inline(always)]
 fn decode_group<const L: usize>(
     ls: &[Lane<'_>],
     ss: &mut [u8],
     n: usize,
-    streams: &mut [LaneStream<'_>],
+    w: u32,
+    words: &[u16],
+    x: &mut [u32],
+    pos: &mut [usize],
 ) -> bool {
     let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
-    let streams: &mut [LaneStream<'_>; L] = streams.try_into().expect("L streams");
-    // Per lane: the prediction (half units) after each possible symbol, and the two tables.
+    let x: &mut [u32; L] = x.try_into().expect("L states");
+    let pos: &mut [usize; L] = pos.try_into().expect("L positions");
+    // Per lane: the prediction (half units) after each possible symbol.
     let mut next = [[0u8; 64]; L];
     for (nx, l) in next.iter_mut().zip(ls) {
-        for (s, e) in nx.iter_mut().enumerate().take(l.width as usize + 1) {
+        for (s, e) in nx.iter_mut().enumerate().take(w as usize + 1) {
             *e = l.pred.next(s as u32) as u8;
         }
     }
-    let tabs: [[&DecTable; 2]; L] =
-        std::array::from_fn(|j| [&*ls[j].tables[0].dec, &*ls[j].tables[1].dec]);
-    let width: [u32; L] = std::array::from_fn(|j| ls[j].width);
+    let dec: [&DecPair; L] = std::array::from_fn(|j| ls[j].dec);
+    // `s + slack` exceeds 63 exactly when `s` exceeds `w` (or wrapped below 0).
+    let slack = 63 - w;
     let mut p2: [u32; L] = std::array::from_fn(|j| ls[j].pred.first);
     let mut bad = 0u32;
-    let outs: [&mut [u8]; L] = {
-        let mut it = ss.chunks_exact_mut(n);
-        std::array::from_fn(|_| it.next().unwrap_or_default())
-    };
     for t in 0..n {
         for j in 0..L {
-            let st = &mut streams[j];
-            let r = rans::decode(
-                &mut st.x,
-                tabs[j][(p2[j] & 1) as usize],
-                st.words,
-                &mut st.pos,
-            );
-            let s = ((p2[j] >> 1) + r).wrapping_sub(width[j]);
-            bad |= (s > width[j]) as u32;
-            if let Some(o) = outs[j].get_mut(t) {
-                *o = s as u8;
-            }
+            let r = rans::decode(&mut x[j], dec[j], p2[j] as usize, words, &mut pos[j]);
+            let s = ((p2[j] >> 1) + r).wrapping_sub(w);
+            bad |= s.wrapping_add(slack);
+            ss[j * n + t] = s as u8;
             p2[j] = next[j][(s & 63) as usize] as u32;
         }
     }
-    bad != 0
+    bad > 63
 }
 
 #[cfg(test)]
