@@ -87,7 +87,7 @@ pub enum DecodeError {
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     /// A bitstream was rejected.
-    #[error("bad bitstream: {0}")]
+    #[error("bad bitstream")]
     Decode(#[from] DecodeError),
     /// A KV cache's bytes do not match the shape, dtype or layout given for them.
     #[error("invalid KV cache: {0}")]
@@ -117,6 +117,12 @@ pub enum CodecError {
         needed: usize,
         /// Bytes available.
         have: usize,
+    },
+    /// The output buffer could not be allocated.
+    #[error("cannot allocate {bytes} bytes for the decoded cache")]
+    Alloc {
+        /// Bytes requested.
+        bytes: usize,
     },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]

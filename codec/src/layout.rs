@@ -346,6 +346,20 @@ impl KvCache {
         }
     }
 
+    /// A cache of `spec` filled with zeros, or an error if the memory cannot be had.
+    ///
+    /// # Errors
+    /// [`CodecError::InvalidKv`] for an invalid shape, [`CodecError::Alloc`] if allocation fails.
+    pub fn try_zeroed(spec: KvSpec) -> Result<Self> {
+        spec.shape.validate()?;
+        let bytes = spec.byte_len();
+        let mut data = Vec::new();
+        data.try_reserve_exact(bytes)
+            .map_err(|_| CodecError::Alloc { bytes })?;
+        data.resize(bytes, 0);
+        Ok(Self { spec, data })
+    }
+
     /// Takes ownership of `data` as a cache of `spec`.
     ///
     /// # Errors

@@ -24,9 +24,30 @@ const SCALE_MIN: f64 = 0.08;
 /// Ratio between consecutive scales.
 const SCALE_STEP: f64 = 1.125;
 
-/// The scale `b` (in symbol units) of scale index `i`.
+/// The scale `b` (in symbol units) of scale index `i`: `SCALE_MIN · SCALE_STEP^i`, by repeated
+/// multiplication (basic IEEE operations only, so every platform gets the same bits).
 pub fn scale_of(i: usize) -> f64 {
-    SCALE_MIN * SCALE_STEP.powi(i as i32)
+    (0..i).fold(SCALE_MIN, |b, _| b * SCALE_STEP)
+}
+
+/// `e^x` for `x <= 0` from basic IEEE operations only (Cody–Waite reduction by ln 2 and a
+/// degree-13 Taylor polynomial), so the tables built from it are bit-identical on every
+/// platform; libm's `exp` may differ in the last bit between systems. Relative error < 1e-15.
+fn det_exp(x: f64) -> f64 {
+    if x < -700.0 {
+        return 0.0;
+    }
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    let k = (x * std::f64::consts::LOG2_E).round();
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    // Horner form of sum r^i / i!, i = 0..=13.
+    let mut p = 1.0 / 6_227_020_800.0;
+    for d in (1..=12).rev() {
+        p = p * r + 1.0 / (1..=d).map(|v| v as f64).product::<f64>();
+    }
+    p = p * r + 1.0;
+    p * f64::from_bits(((k as i64 + 1023) as u64) << 52)
 }
 
 /// The scale index nearest (in log) to `b`.
@@ -109,8 +130,8 @@ fn probabilities(half_width: u32, shape: usize, b: f64, c: f64) -> Vec<f64> {
     let density = |x: f64| -> f64 {
         let z = (x - c) / b;
         match shape {
-            0 => (-z.abs()).exp(),
-            _ => (-0.5 * z * z).exp(),
+            0 => det_exp(-z.abs()),
+            _ => det_exp(-0.5 * z * z),
         }
     };
     // Midpoint rule with steps fine enough for the narrowest member.
@@ -161,6 +182,34 @@ fn table_from_probabilities(p: &[f64]) -> ResidualTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deterministic_exp_matches_libm() {
+        for i in 0..2000 {
+            let x = -(i as f64) * 0.0173;
+            let (a, b) = (det_exp(x), x.exp());
+            assert!((a - b).abs() <= 1e-15 * b + 1e-300, "x={x}: {a} vs {b}");
+        }
+    }
+
+    /// The tables are part of the format: a decoder on any platform must rebuild exactly these
+    /// frequencies. If this checksum changes, files written before the change stop decoding.
+    #[test]
+    fn tables_are_the_format_golden_checksum() {
+        let mut crc = 0u32;
+        for w in [5u32, 10, 14, 30, 62] {
+            for t in &ModelSet::build(w).tables {
+                let bytes: Vec<u8> = t
+                    .freq
+                    .iter()
+                    .flat_map(|f| (*f as u16).to_le_bytes())
+                    .collect();
+                crc = crc32c::crc32c_append(crc, &bytes);
+            }
+        }
+        assert_eq!(crc, GOLDEN_TABLES_CRC, "model tables changed: {crc:#010x}");
+    }
+    const GOLDEN_TABLES_CRC: u32 = 0xf048_132c;
 
     #[test]
     fn every_member_sums_to_scale_and_codes_every_residual() {

@@ -404,6 +404,10 @@ pub fn decode_channels(
         check("model.scale", m.scale, (m.scale as usize) < SCALES)?;
         models.push(m);
     }
+    let used = channels * MODEL_BITS as usize;
+    if used % 8 != 0 && bytes[ml - 1] >> (used % 8) != 0 {
+        return Err(DecodeError::ReservedBits("model padding"));
+    }
     let mut r = crate::bits::ByteReader::new(&bytes[ml..]);
     let mut counts = [0usize; LANES];
     for c in counts.iter_mut() {
@@ -514,20 +518,18 @@ fn decode_group<const L: usize>(
         }
     }
     let dec: [&DecPair; L] = std::array::from_fn(|j| ls[j].dec);
-    // `s + slack` exceeds 63 exactly when `s` exceeds `w` (or wrapped below 0).
-    let slack = 63 - w;
     let mut p2: [u32; L] = std::array::from_fn(|j| ls[j].pred.first);
     let mut bad = 0u32;
     for t in 0..n {
         for j in 0..L {
             let r = rans::decode(&mut x[j], dec[j], p2[j] as usize, words, &mut pos[j]);
             let s = ((p2[j] >> 1) + r).wrapping_sub(w);
-            bad |= s.wrapping_add(slack);
+            bad |= (s > w) as u32;
             ss[j * n + t] = s as u8;
             p2[j] = next[j][(s & 63) as usize] as u32;
         }
     }
-    bad > 63
+    bad != 0
 }
 
 #[cfg(test)]

@@ -62,6 +62,9 @@ pub fn quantize_row(row: &[f32], bins: u32, dtype: DType, out: &mut [u8]) -> Opt
     }
     let bits = dtype.scale_bits(m);
     let m = dtype.scale_value(bits);
+    if !m.is_finite() {
+        return None; // f32 input beyond bf16's range
+    }
     quantize_row_with_scale(row, bins, m, out);
     Some(bits)
 }

@@ -403,7 +403,7 @@ pub fn decode(buf: &[u8]) -> Result<KvCache> {
         }
         .into());
     }
-    let mut cache = KvCache::zeroed(h.spec);
+    let mut cache = KvCache::try_zeroed(h.spec)?;
     let layer_bytes = dec.layer_spec().byte_len();
     cache
         .bytes_mut()

@@ -187,10 +187,12 @@ impl Header {
             let ok = match self.level {
                 Level::Raw => b == 0,
                 Level::Q8 => b == 0,
-                // The native coder's residual alphabet needs bins <= 64; LMCache's Lp < 64.
-                Level::CgHigh | Level::CgDefault | Level::CgLow | Level::Lmcache => {
+                // The native coder's residual alphabet needs bins <= 64.
+                Level::CgHigh | Level::CgDefault | Level::CgLow => {
                     (4..=64).contains(&b) && b % 2 == 0
                 }
+                // LMCache's CDFs need max_bins < 64.
+                Level::Lmcache => (4..=62).contains(&b) && b % 2 == 0,
             };
             if !ok {
                 return Err(DecodeError::InvalidField {
@@ -203,19 +205,34 @@ impl Header {
     }
 
     /// A lower bound on the bytes of a complete file with this header. A reader compares it
-    /// with the input's length before allocating the output, so a small file cannot make it
-    /// allocate a huge cache.
+    /// with the input's length before allocating the output, so the output it allocates is at
+    /// most a fixed multiple of the input it was given (about `chunk_tokens · dtype size / 2`
+    /// for the native levels, where every channel of every block costs a model description;
+    /// 1-2 for `raw` and `q8`).
     pub fn min_encoded_len(&self) -> u64 {
         let s = &self.spec.shape;
-        let blocks = (s.layers * self.chunks()) as u64;
-        let per_token_layer = match self.level {
-            Level::Raw => (2 * s.channels() * self.spec.dtype.size()) as u64,
-            // Two 16-bit scales per (layer, token) at least.
-            _ => 4,
+        let c = s.channels() as u64;
+        let (layers, tokens) = (s.layers as u64, s.tokens as u64);
+        let blocks = layers * self.chunks() as u64;
+        let scales = 4 * layers * tokens
+            + if self.channel_scale_k() {
+                2 * c * blocks
+            } else {
+                0
+            };
+        let payload = match self.level {
+            Level::Raw => 2 * c * self.spec.dtype.size() as u64 * layers * tokens,
+            Level::Q8 => scales + 2 * c * layers * tokens,
+            // Per block: every channel's model, the lane word counts and two state words per lane.
+            Level::CgHigh | Level::CgDefault | Level::CgLow => {
+                let per_block = crate::native::models_len(2 * s.channels()) as u64
+                    + 8 * crate::native::LANES as u64;
+                scales + blocks * per_block
+            }
+            // Per block: the CDF tables (at least 4 entries per channel), one length per stream.
+            Level::Lmcache => scales + blocks * (2 * c * 2 * 4 + 2 * c * 4),
         };
-        self.encoded_len() as u64
-            + blocks * BLOCK_HEADER_LEN as u64
-            + per_token_layer * (s.layers as u64) * (s.tokens as u64)
+        self.encoded_len() as u64 + blocks * BLOCK_HEADER_LEN as u64 + payload
     }
 }
 
