@@ -3,7 +3,8 @@
 //! Input: `codec/testdata/smollm2-pydoc-256.safetensors` (256 tokens of SmolLM2-135M, f16), or
 //! the file named by `KVWIRE_BENCH_KV` (absolute, or relative to the current directory or to
 //! the workspace root), e.g.
-//! `KVWIRE_BENCH_KV=data/smollm2-pydoc-4096.safetensors cargo bench -p kvwire-codec --bench codec -- 'cg-default|q8'`.
+//! `KVWIRE_BENCH_KV=data/smollm2-pydoc-4096.safetensors cargo bench -p kvwire-codec --bench codec -- 'cg-default|q8'`
+//! (a filter of plain names joined by `|` also limits the summary table to those levels).
 //!
 //! Benchmarks, each with `Throughput::Bytes` of the fp16 input (2 bytes per element):
 //! - `memcpy/1core`: `copy_from_slice` of that many bytes into a preallocated buffer;
@@ -12,6 +13,8 @@
 //!   [`Decoder::decode_block`] of every block into a preallocated cache-sized buffer, one
 //!   layer per rayon task (block boundaries are parsed once, outside the timed loop).
 //!
+//! Every id ends in the input file's stem (e.g. `encode_1core/cg-default/smollm2-pydoc-256`),
+//! so criterion's change report compares runs on the same input only.
 //! `1core` runs inside a one-thread rayon pool, `allcores` in the global pool. After
 //! criterion's output a Markdown summary table is printed (own `Instant` timing, median of
 //! `KVWIRE_BENCH_REPS` = 5 repetitions, for the levels the filter selects), with every rate
@@ -23,7 +26,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use kvwire_codec::file::view_safetensors;
 use kvwire_codec::{decode, encode, Decoder, EncodeOptions, KvCache, KvView, Level};
 use rayon::prelude::*;
@@ -57,6 +62,15 @@ fn input() -> &'static Input {
             std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         Input { path, buf }
     })
+}
+
+/// The input file's stem: the last part of every benchmark id, so that criterion compares a
+/// run only with earlier runs on the same input.
+fn input_tag() -> String {
+    input()
+        .path
+        .file_stem()
+        .map_or_else(|| "input".to_owned(), |s| s.to_string_lossy().into_owned())
 }
 
 fn view() -> KvView<'static> {
@@ -200,7 +214,7 @@ const CASES: [(Op, Cores); 4] = [
 fn bench_memcpy(c: &mut Criterion) {
     let mut g = c.benchmark_group("memcpy");
     g.throughput(Throughput::Bytes(fp16_bytes() as u64));
-    g.bench_function("1core", |b| {
+    g.bench_function(BenchmarkId::new("1core", input_tag()), |b| {
         let src = memcpy_src();
         let mut dst = vec![0u8; src.len()];
         b.iter(|| {
@@ -218,7 +232,7 @@ fn bench_codec(c: &mut Criterion) {
         // Whole-cache calls take milliseconds to seconds: a fixed number of iterations per sample.
         g.sampling_mode(SamplingMode::Flat);
         for level in Level::ALL {
-            g.bench_function(level.name(), |b| {
+            g.bench_function(BenchmarkId::new(level.name(), input_tag()), |b| {
                 let p = prepared(level);
                 match op {
                     Op::Encode => cores.run(|| b.iter(|| encode_once(p))),
@@ -301,26 +315,38 @@ fn args() -> Args {
 }
 
 impl Args {
-    /// Whether the filter selects any benchmark of `level`. A filter with regex syntax in it
-    /// selects every level (the summary does not evaluate regexes).
+    /// Whether the filter selects any benchmark of `level`. Plain names and `a|b`
+    /// alternatives of plain names are matched as criterion matches them; a filter with other
+    /// regex syntax selects every level (the summary does not evaluate regexes).
     fn selects(&self, level: Level) -> bool {
         let Some(f) = &self.filter else {
             return true;
         };
-        let plain = f
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || "-_/ ".contains(ch));
-        if !plain && !self.exact {
+        let ids: Vec<String> = CASES
+            .iter()
+            .map(|(op, cores)| {
+                format!(
+                    "{}_{}/{}/{}",
+                    op.name(),
+                    cores.name(),
+                    level.name(),
+                    input_tag()
+                )
+            })
+            .collect();
+        if self.exact {
+            return ids.iter().any(|id| id == f);
+        }
+        let plain = |s: &str| {
+            s.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_/ ".contains(ch))
+        };
+        let alternatives: Vec<&str> = f.split('|').collect();
+        if !alternatives.iter().all(|a| plain(a)) {
             return true;
         }
-        CASES.iter().any(|(op, cores)| {
-            let id = format!("{}_{}/{}", op.name(), cores.name(), level.name());
-            if self.exact {
-                id == *f
-            } else {
-                id.contains(f.as_str())
-            }
-        })
+        ids.iter()
+            .any(|id| alternatives.iter().any(|a| id.contains(a)))
     }
 }
 
@@ -407,10 +433,7 @@ fn summary() {
     copies.extend(end);
     let memcpy = gbps(median(copies));
 
-    let name = input().path.file_name().map_or_else(
-        || input().path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = input_tag();
     println!();
     println!(
         "## kvwire-codec throughput: {name} ({} layers x {} kv heads x {} tokens x {} dims, {:?} {:?}; {:.1} MiB as fp16)",

@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::rans::{DecPair, EncSymbol, PROB_SCALE};
+use crate::rans::{DecTable, EncSymbol, PROB_SCALE};
 
 /// Shapes in the family.
 pub const SHAPES: usize = 2;
@@ -84,8 +84,8 @@ pub struct ModelSet {
     pub half_width: u32,
     /// `member(shape, scale, offset)` -> table.
     pub tables: Vec<ResidualTable>,
-    /// `member(shape, scale, 0) / 2` -> the decoder tables of both offsets.
-    pub dec: Vec<Box<DecPair>>,
+    /// `member(shape, scale, offset)` -> decoder table.
+    pub dec: Vec<Box<DecTable>>,
 }
 
 impl ModelSet {
@@ -101,10 +101,7 @@ impl ModelSet {
                 }
             }
         }
-        let dec = tables
-            .chunks_exact(2)
-            .map(|p| DecPair::new([&p[0].freq, &p[1].freq]))
-            .collect();
+        let dec = tables.iter().map(|t| DecTable::new(&t.freq)).collect();
         Self {
             half_width,
             tables,

@@ -4,11 +4,14 @@
 //! A block holds the symbols of `channels` streams (K channels, then V channels) over `n`
 //! tokens, channel-major. For each channel the encoder picks a [`ChannelModel`]:
 //!
-//! * a prediction, in half-symbol units: `pred2 = mu2` for the block's first token, else
-//!   `(rho·2·s[t-1] + (8 - rho)·mu2 + 4) >> 3`, with `rho ∈ {0, 2, 4, 6, 8}` eighths and `mu2`
-//!   the channel's mean symbol in half units;
-//! * a residual `r = s[t] - (pred2 >> 1)`, coded with the family member
-//!   (`shape`, `scale`, offset `pred2 & 1`) of [`crate::model`].
+//! * a prediction `base[t]` in whole symbols: for `rho = 0`, `mu2 >> 1` for every token;
+//!   otherwise `(mu2 + 1) >> 1` for the block's first token and
+//!   `(2·rho·s[t-1] + (8 - rho)·mu2 + 8) >> 4` after it (`rho ∈ {2, 4, 6, 8}` eighths of the
+//!   previous symbol, the rest the channel's mean `mu2` in half symbols, rounded);
+//! * a residual `r = s[t] - base[t]`, coded with the family member (`shape`, `scale`, offset)
+//!   of [`crate::model`], where the offset is `mu2 & 1` for `rho = 0` (the distribution is
+//!   centred on the half-symbol mean) and 0 otherwise. The table is fixed for the channel, so
+//!   the decoder's rANS chain never waits for a decoded symbol.
 //!
 //! The encoder picks `rho` from the channel's mean, variance and lag-1 covariance (the weight
 //! that leaves the least residual variance), then tries both shapes and the scales around the
@@ -24,7 +27,7 @@
 use crate::bits::{BitReader, BitWriter};
 use crate::error::DecodeError;
 use crate::model::{member, scale_index, ModelSet, ResidualTable, SCALES, SHAPES};
-use crate::rans::{self, DecPair, EncSymbol, RANS_L};
+use crate::rans::{self, DecTable, EncSymbol, RANS_L};
 
 /// Interleaved rANS lanes per block.
 pub const LANES: usize = 4;
@@ -53,26 +56,35 @@ pub struct ChannelModel {
 /// The prediction arithmetic of one channel, in the form the inner loops use.
 #[derive(Debug, Clone, Copy)]
 struct Predictor {
-    /// `2·rho`.
+    /// `2·rho` (0: no prediction from the previous symbol).
     rho2: u32,
-    /// `(8 - rho)·mu2 + 4`.
+    /// `(8 - rho)·mu2 + 8`.
     bias: u32,
-    /// Prediction of the first token.
+    /// Prediction of the first token (and of every token when `rho2 == 0`).
     first: u32,
+    /// Centre offset of the channel's table (0 or 1 half symbol).
+    offset: usize,
 }
 
 impl Predictor {
     fn new(m: &ChannelModel) -> Self {
         let rho = RHOS[m.rho as usize];
+        let mu2 = m.mu2 as u32;
         Self {
             rho2: 2 * rho,
-            bias: (8 - rho) * m.mu2 as u32 + 4,
-            first: m.mu2 as u32,
+            bias: (8 - rho) * mu2 + 8,
+            first: if rho == 0 { mu2 >> 1 } else { (mu2 + 1) >> 1 },
+            offset: if rho == 0 { (mu2 & 1) as usize } else { 0 },
         }
     }
+    /// The prediction after symbol `prev`.
     #[inline(always)]
     fn next(&self, prev: u32) -> u32 {
-        (self.rho2 * prev + self.bias) >> 3
+        if self.rho2 == 0 {
+            self.first
+        } else {
+            (self.rho2 * prev + self.bias) >> 4
+        }
     }
 }
 
@@ -118,26 +130,31 @@ pub fn choose_model(syms: &[u8], set: &ModelSet) -> ChannelModel {
     // Two histograms, even and odd tokens: runs of equal residuals would otherwise serialize
     // on store-to-load forwarding of one counter.
     let mut hist = [[0u32; 2 * 63 + 1]; 2];
-    let mut hist2 = [[0u32; 2 * 63 + 1]; 2];
-    let mut sq = 0u64;
-    let mut p2 = p.first;
+    let mut base = p.first;
     for pair in syms.chunks(2) {
         for (k, &s) in pair.iter().enumerate() {
-            let r = (s as u32 + w - (p2 >> 1)) as usize;
-            let h = if k == 0 { &mut hist } else { &mut hist2 };
-            h[(p2 & 1) as usize][r] += 1;
-            let dev = 2 * s as i64 - p2 as i64;
-            sq += (dev * dev) as u64;
-            p2 = p.next(s as u32);
+            hist[k][(s as u32 + w - base) as usize] += 1;
+            base = p.next(s as u32);
         }
     }
-    for (a, b) in hist.iter_mut().zip(&hist2) {
-        for (x, y) in a[..nr].iter_mut().zip(&b[..nr]) {
-            *x += y;
-        }
+    let (h0, h1) = hist.split_at_mut(1);
+    for (x, y) in h0[0][..nr].iter_mut().zip(&h1[0][..nr]) {
+        *x += y;
     }
-    let sd = ((sq as f64 / nf).sqrt() / 2.0).max(1e-3);
-    let (lo, hi) = nonzero_span(&hist, nr);
+    let hist = &hist[0][..nr];
+    // Spread of the residuals around the table's centre (offset/2), in symbols.
+    let centre = p.offset as f64 * 0.5;
+    let sq: f64 = hist
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let d = i as f64 - w as f64 - centre;
+            c as f64 * d * d
+        })
+        .sum();
+    let sd = (sq / nf).sqrt().max(1e-3);
+    let lo = hist.iter().position(|&c| c != 0).unwrap_or(0);
+    let hi = hist.iter().rposition(|&c| c != 0).map_or(0, |i| i + 1);
     let mut best = (f32::INFINITY, m);
     for shape in 0..SHAPES {
         // Laplace's standard deviation is b·√2, Gauss's is b.
@@ -147,14 +164,12 @@ pub fn choose_model(syms: &[u8], set: &ModelSet) -> ChannelModel {
             sd
         };
         let cost = |k: usize| -> f32 {
-            let mut c = 0f32;
-            for (off, h) in hist.iter().enumerate() {
-                let t = &set.tables[member(shape, k, off)].cost;
-                for r in lo..hi {
-                    c += h[r] as f32 * t[r];
-                }
-            }
-            c
+            let t = &set.tables[member(shape, k, p.offset)].cost;
+            hist[lo..hi]
+                .iter()
+                .zip(&t[lo..hi])
+                .map(|(&h, &c)| h as f32 * c)
+                .sum()
         };
         let k0 = scale_index(b);
         let (mut k, mut ck) = (k0, cost(k0));
@@ -185,19 +200,6 @@ pub fn choose_model(syms: &[u8], set: &ModelSet) -> ChannelModel {
     best.1
 }
 
-fn nonzero_span(hist: &[[u32; 127]; 2], nr: usize) -> (usize, usize) {
-    let (mut lo, mut hi) = (nr, 0);
-    for h in hist {
-        if let Some(a) = h[..nr].iter().position(|&c| c != 0) {
-            lo = lo.min(a);
-        }
-        if let Some(b) = h[..nr].iter().rposition(|&c| c != 0) {
-            hi = hi.max(b + 1);
-        }
-    }
-    (lo.min(hi), hi)
-}
-
 /// The residual half widths of a block's channels: the first `first` channels (K) use
 /// `first_width`, the rest (V) `rest_width`; each is `bins - 2`.
 #[derive(Debug, Clone, Copy)]
@@ -213,8 +215,8 @@ pub struct ChannelAlphabets {
 /// What the coding loops need of one channel.
 struct Lane<'a> {
     pred: Predictor,
-    tables: [&'a ResidualTable; 2],
-    dec: &'a DecPair,
+    table: &'a ResidualTable,
+    dec: &'a DecTable,
     width: u32,
 }
 
@@ -228,11 +230,12 @@ fn lanes_of<'a>(
         .enumerate()
         .map(|(ch, m)| {
             let set = &sets[(ch >= alpha.first) as usize];
-            let t = |off| &set.tables[member(m.shape as usize, m.scale as usize, off)];
+            let pred = Predictor::new(m);
+            let k = member(m.shape as usize, m.scale as usize, pred.offset);
             Lane {
-                pred: Predictor::new(m),
-                tables: [t(0), t(1)],
-                dec: &set.dec[member(m.shape as usize, m.scale as usize, 0) / 2],
+                pred,
+                table: &set.tables[k],
+                dec: &set.dec[k],
                 width: set.half_width,
             }
         })
@@ -332,13 +335,13 @@ fn encode_group<const L: usize>(
         for j in (0..L).rev() {
             let lane = &ls[j];
             let s = &ss[j * n..(j + 1) * n];
-            let p2 = if t == 0 {
+            let base = if t == 0 {
                 lane.pred.first
             } else {
                 lane.pred.next(s[t - 1] as u32)
             };
-            let r = (s[t] as u32 + lane.width - (p2 >> 1)) as usize;
-            let e: &EncSymbol = &lane.tables[(p2 & 1) as usize].enc[r];
+            let r = (s[t] as u32 + lane.width - base) as usize;
+            let e: &EncSymbol = &lane.table.enc[r];
             let b = &mut bufs[j];
             rans::encode_into(&mut states[j], &mut b.buf, &mut b.pos, e);
         }
@@ -510,23 +513,24 @@ fn decode_group<const L: usize>(
     let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
     let x: &mut [u32; L] = x.try_into().expect("L states");
     let pos: &mut [usize; L] = pos.try_into().expect("L positions");
-    // Per lane: the prediction (half units) after each possible symbol.
-    let mut next = [[0u8; 64]; L];
+    // Per lane: the prediction after each possible symbol, less the width (wrapping), so
+    // that a symbol is `next + r`.
+    let mut next = [[0u32; 64]; L];
     for (nx, l) in next.iter_mut().zip(ls) {
-        for (s, e) in nx.iter_mut().enumerate().take(w as usize + 1) {
-            *e = l.pred.next(s as u32) as u8;
+        for (s, e) in nx.iter_mut().enumerate() {
+            *e = l.pred.next(s as u32).wrapping_sub(w);
         }
     }
-    let dec: [&DecPair; L] = std::array::from_fn(|j| ls[j].dec);
-    let mut p2: [u32; L] = std::array::from_fn(|j| ls[j].pred.first);
+    let dec: [&DecTable; L] = std::array::from_fn(|j| ls[j].dec);
+    let mut base: [u32; L] = std::array::from_fn(|j| ls[j].pred.first.wrapping_sub(w));
     let mut bad = 0u32;
     for t in 0..n {
         for j in 0..L {
-            let r = rans::decode(&mut x[j], dec[j], p2[j] as usize, words, &mut pos[j]);
-            let s = ((p2[j] >> 1) + r).wrapping_sub(w);
+            let r = rans::decode(&mut x[j], dec[j], words, &mut pos[j]);
+            let s = base[j].wrapping_add(r);
             bad |= (s > w) as u32;
             ss[j * n + t] = s as u8;
-            p2[j] = next[j][(s & 63) as usize] as u32;
+            base[j] = next[j][(s & 63) as usize];
         }
     }
     bad != 0

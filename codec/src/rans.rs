@@ -67,46 +67,42 @@ pub fn encode_into(x: &mut u32, words: &mut [u16], pos: &mut usize, s: &EncSymbo
     *x = v + s.start + q * s.cmpl;
 }
 
-/// A decoder's view of the two centre offsets of one model: for each offset, the symbol of
-/// every slot, and each symbol's frequency and start. Fixed-size arrays indexed by masked
-/// values, so lookups need no bounds checks.
+/// A decoder's view of one table: the symbol of every slot, and each symbol's frequency and
+/// start. Fixed-size arrays indexed by masked values, so lookups need no bounds checks.
 #[derive(Debug, Clone)]
-pub struct DecPair {
-    /// Symbol of each slot, per offset.
-    pub sym: [[u8; PROB_SCALE as usize]; 2],
-    /// `freq | start << 16` per symbol, per offset (unused entries hold `1`).
-    pub freq_start: [[u32; 256]; 2],
+pub struct DecTable {
+    /// Symbol of each slot.
+    pub sym: [u8; PROB_SCALE as usize],
+    /// `freq | start << 16` per symbol (unused entries hold `1`).
+    pub freq_start: [u32; 256],
 }
 
-impl DecPair {
-    /// The tables of two frequency lists (offset 0 and 1), each summing to [`PROB_SCALE`].
-    pub fn new(freqs: [&[u32]; 2]) -> Box<Self> {
+impl DecTable {
+    /// The table of a frequency list (in symbol order) that sums to [`PROB_SCALE`].
+    pub fn new(freqs: &[u32]) -> Box<Self> {
         let mut t = Box::new(Self {
-            sym: [[0; PROB_SCALE as usize]; 2],
-            freq_start: [[1; 256]; 2],
+            sym: [0; PROB_SCALE as usize],
+            freq_start: [1; 256],
         });
-        for (off, fr) in freqs.iter().enumerate() {
-            let mut start = 0u32;
-            for (s, &f) in fr.iter().enumerate() {
-                t.sym[off][start as usize..(start + f) as usize].fill(s as u8);
-                t.freq_start[off][s] = f | start << 16;
-                start += f;
-            }
+        let mut start = 0u32;
+        for (s, &f) in freqs.iter().enumerate() {
+            t.sym[start as usize..(start + f) as usize].fill(s as u8);
+            t.freq_start[s] = f | start << 16;
+            start += f;
         }
         t
     }
 }
 
-/// Decodes one symbol from state `x` with table `off` of `t`, refilling from `words` at
+/// Decodes one symbol from state `x` with table `t`, refilling from `words` at
 /// `*pos`. The caller guarantees `*pos < words.len()` at every call (it pads each stream
 /// with one zero word per symbol it may decode); a stream that reads its padding is corrupt
 /// and the caller's final state check reports it.
 #[inline(always)]
-pub fn decode(x: &mut u32, t: &DecPair, off: usize, words: &[u16], pos: &mut usize) -> u32 {
-    let off = off & 1;
+pub fn decode(x: &mut u32, t: &DecTable, words: &[u16], pos: &mut usize) -> u32 {
     let slot = *x & (PROB_SCALE - 1);
-    let sym = t.sym[off][slot as usize];
-    let fs = t.freq_start[off][sym as usize];
+    let sym = t.sym[slot as usize];
+    let fs = t.freq_start[sym as usize];
     let v = (fs & 0xFFFF) * (*x >> PROB_BITS) + slot - (fs >> 16);
     let need = v < RANS_L;
     let w = words[*pos] as u32;
@@ -150,7 +146,7 @@ mod tests {
         let enc: Vec<_> = (0..3)
             .map(|i| EncSymbol::new(starts[i], freqs[i]))
             .collect();
-        let dt = DecPair::new([&freqs, &freqs]);
+        let dt = DecTable::new(&freqs);
         let msg: Vec<u32> = (0..1000).map(|i| (i * 7 % 11 % 3) as u32).collect();
         let mut x = RANS_L;
         let mut words = vec![0u16; msg.len() + 2];
@@ -165,7 +161,7 @@ mod tests {
         let mut p = 2;
         let mut y = (words[0] as u32) << 16 | words[1] as u32;
         for &m in &msg {
-            assert_eq!(decode(&mut y, &dt, 1, &words, &mut p), m);
+            assert_eq!(decode(&mut y, &dt, &words, &mut p), m);
         }
         assert_eq!(y, RANS_L);
         assert_eq!(p, words.len() - msg.len());
