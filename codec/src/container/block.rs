@@ -49,6 +49,27 @@ fn quantize(header: &Header, view: &KvView<'_>, at: BlockAt) -> Result<QuantBloc
             .map(|&m| bf16_bits_round_up(m))
             .collect::<Vec<u16>>()
     });
+    if let Some(cs) = &channel_scales {
+        // A channel scale beyond bf16's range (or from non-finite input) cannot be stored.
+        if let Some(ch) = cs
+            .iter()
+            .position(|&b| !DType::BF16.f32_from_bits(b as u32).is_finite())
+        {
+            let token = (t0..t0 + n)
+                .find(|&t| {
+                    view.read_row(view_layer, Part::K, t, &mut row);
+                    !DType::BF16
+                        .f32_from_bits(bf16_bits_round_up(row[ch].abs()) as u32)
+                        .is_finite()
+                })
+                .unwrap_or(t0);
+            return Err(CodecError::NonFinite {
+                layer,
+                part: Part::K.name(),
+                token,
+            });
+        }
+    }
     let inv: Option<Vec<f32>> = channel_scales.as_ref().map(|cs| {
         cs.iter()
             .map(|&b| {
