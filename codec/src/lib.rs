@@ -40,6 +40,7 @@ pub mod model;
 pub mod native;
 pub mod quant;
 pub mod rans;
+mod scratch;
 mod stream;
 
 pub use container::{BlockHeader, Header, FORMAT_VERSION};

@@ -271,11 +271,31 @@ pub fn encode_channels(syms: &[u8], n: usize, alpha: ChannelAlphabets, out: &mut
     let lanes = lanes_of(&models, alpha, &sets);
     // Each lane has its own word stream, written backwards: at most one word per symbol, plus
     // the final state.
-    let mut bufs: Vec<LaneWords> = lane_symbols(alpha, channels, n)
+    crate::scratch::with_lane_words(LANES, |scratch| {
+        encode_lanes(syms, n, alpha, &lanes, scratch, out);
+    });
+}
+
+/// Codes the lanes of a block into per-lane word buffers (`scratch`, one per lane) and appends
+/// the counts and words to `out`.
+fn encode_lanes(
+    syms: &[u8],
+    n: usize,
+    alpha: ChannelAlphabets,
+    lanes: &[Lane<'_>],
+    scratch: &mut [Vec<u16>],
+    out: &mut Vec<u8>,
+) {
+    let channels = syms.len() / n;
+    let mut bufs: Vec<LaneWords<'_>> = lane_symbols(alpha, channels, n)
         .iter()
-        .map(|&syms_in_lane| LaneWords {
-            buf: vec![0; syms_in_lane + 2],
-            pos: syms_in_lane + 2,
+        .zip(scratch.iter_mut())
+        .map(|(&syms_in_lane, buf)| {
+            buf.resize(syms_in_lane + 2, 0);
+            LaneWords {
+                buf,
+                pos: syms_in_lane + 2,
+            }
         })
         .collect();
     let mut states = [RANS_L; LANES];
@@ -314,8 +334,8 @@ pub fn encode_channels(syms: &[u8], n: usize, alpha: ChannelAlphabets, out: &mut
 }
 
 /// One lane's word stream while encoding: words are written backwards below `pos`.
-struct LaneWords {
-    buf: Vec<u16>,
+struct LaneWords<'a> {
+    buf: &'a mut Vec<u16>,
     pos: usize,
 }
 
@@ -326,11 +346,11 @@ fn encode_group<const L: usize>(
     ss: &[u8],
     n: usize,
     states: &mut [u32],
-    bufs: &mut [LaneWords],
+    bufs: &mut [LaneWords<'_>],
 ) {
     let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
     let states: &mut [u32; L] = states.try_into().expect("L states");
-    let bufs: &mut [LaneWords; L] = bufs.try_into().expect("L streams");
+    let bufs: &mut [LaneWords<'_>; L] = bufs.try_into().expect("L streams");
     for t in (0..n).rev() {
         for j in (0..L).rev() {
             let lane = &ls[j];
@@ -343,7 +363,7 @@ fn encode_group<const L: usize>(
             let r = (s[t] as u32 + lane.width - base) as usize;
             let e: &EncSymbol = &lane.table.enc[r];
             let b = &mut bufs[j];
-            rans::encode_into(&mut states[j], &mut b.buf, &mut b.pos, e);
+            rans::encode_into(&mut states[j], b.buf, &mut b.pos, e);
         }
     }
 }
@@ -431,48 +451,50 @@ pub fn decode_channels(
     // never index past the end, whatever the words say (a stream that reads its padding is
     // corrupt, which the final checks report).
     let lane_syms = lane_symbols(alpha, channels, n);
-    let mut words: Vec<u16> = Vec::with_capacity(total + channels * n);
-    let mut starts = [0usize; LANES];
-    let mut wi = wb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
-    for j in 0..LANES {
-        starts[j] = words.len();
-        words.extend(wi.by_ref().take(counts[j]));
-        words.resize(words.len() + lane_syms[j], 0);
-    }
-    let mut x: [u32; LANES] =
-        std::array::from_fn(|j| (words[starts[j]] as u32) << 16 | words[starts[j] + 1] as u32);
-    let mut pos: [usize; LANES] = std::array::from_fn(|j| starts[j] + 2);
-    let lanes = lanes_of(&models, alpha, &sets);
-    let mut bad = false;
-    for (c0, k) in groups(alpha, channels) {
-        let ls = &lanes[c0..c0 + k];
-        let ss = &mut syms[c0 * n..(c0 + k) * n];
-        let w = ls[0].width;
-        if k == LANES {
-            bad |= decode_group::<LANES>(ls, ss, n, w, &words, &mut x, &mut pos);
-        } else {
-            for j in 0..k {
-                bad |= decode_group::<1>(
-                    &ls[j..j + 1],
-                    &mut ss[j * n..(j + 1) * n],
-                    n,
-                    w,
-                    &words,
-                    &mut x[j..j + 1],
-                    &mut pos[j..j + 1],
-                );
+    crate::scratch::with_words(|words| {
+        words.reserve(total + channels * n);
+        let mut starts = [0usize; LANES];
+        let mut wi = wb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+        for j in 0..LANES {
+            starts[j] = words.len();
+            words.extend(wi.by_ref().take(counts[j]));
+            words.resize(words.len() + lane_syms[j], 0);
+        }
+        let mut x: [u32; LANES] =
+            std::array::from_fn(|j| (words[starts[j]] as u32) << 16 | words[starts[j] + 1] as u32);
+        let mut pos: [usize; LANES] = std::array::from_fn(|j| starts[j] + 2);
+        let lanes = lanes_of(&models, alpha, &sets);
+        let mut bad = false;
+        for (c0, k) in groups(alpha, channels) {
+            let ls = &lanes[c0..c0 + k];
+            let ss = &mut syms[c0 * n..(c0 + k) * n];
+            let w = ls[0].width;
+            if k == LANES {
+                bad |= decode_group::<LANES>(ls, ss, n, w, words, &mut x, &mut pos);
+            } else {
+                for j in 0..k {
+                    bad |= decode_group::<1>(
+                        &ls[j..j + 1],
+                        &mut ss[j * n..(j + 1) * n],
+                        n,
+                        w,
+                        words,
+                        &mut x[j..j + 1],
+                        &mut pos[j..j + 1],
+                    );
+                }
             }
         }
-    }
-    if bad {
-        return Err(DecodeError::SymbolOutOfRange { stream: 0 });
-    }
-    for j in 0..LANES {
-        if pos[j] != starts[j] + counts[j] || x[j] != RANS_L {
-            return Err(DecodeError::CorruptStream { stream: j });
+        if bad {
+            return Err(DecodeError::SymbolOutOfRange { stream: 0 });
         }
-    }
-    Ok(())
+        for j in 0..LANES {
+            if pos[j] != starts[j] + counts[j] || x[j] != RANS_L {
+                return Err(DecodeError::CorruptStream { stream: j });
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The lane groups of a block: `(first channel, lanes)`, [`LANES`] channels at a time within

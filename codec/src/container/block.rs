@@ -248,55 +248,56 @@ pub(crate) fn decode_payload(
         None
     };
     let (bk, bv) = header.layer_bins(layer);
-    let mut syms = vec![0u8; 2 * c * n];
-    match header.level {
-        Level::Raw => unreachable!("handled above"),
-        Level::Q8 => {
-            syms.copy_from_slice(r.take(2 * c * n)?);
-            let top = (alphabet(256) - 1) as u8;
-            if let Some(i) = syms.iter().position(|&s| s > top) {
-                return Err(DecodeError::SymbolOutOfRange { stream: i / n });
-            }
-        }
-        Level::CgHigh | Level::CgDefault | Level::CgLow => {
-            let alpha = ChannelAlphabets {
-                first: c,
-                first_width: alphabet(bk) - 1,
-                rest_width: alphabet(bv) - 1,
-            };
-            let rest = r.take(r.remaining())?;
-            native::decode_channels(rest, n, alpha, &mut syms)?;
-        }
-        Level::Lmcache => decode_lmcache(header, &mut r, c, n, [bk, bv], &mut syms)?,
-    }
-    let mut lut = [0u32; 256];
-    let cs: Option<Vec<f32>> = channel_scales.map(|v| {
-        v.iter()
-            .map(|&b| DType::BF16.f32_from_bits(b as u32))
-            .collect()
-    });
-    for (p, part) in Part::BOTH.into_iter().enumerate() {
-        let bins = if p == 0 { bk } else { bv };
-        let psyms = &syms[p * c * n..(p + 1) * c * n];
-        for i in 0..n {
-            let m = spec.dtype.scale_value(scales[p][i]);
-            let runs = spec.row_runs(0, part, t0 + i);
-            match (part, &cs) {
-                (Part::K, Some(cs)) => {
-                    let max = max_level(bins) as f32;
-                    write_row(out, es, runs, |ch| {
-                        let q = psyms[ch * n + i] as f32;
-                        spec.dtype.bits_from_f32(((q - max) / max) * m * cs[ch])
-                    });
-                }
-                _ => {
-                    quant::dequant_lut(bins, m, spec.dtype, &mut lut);
-                    write_row(out, es, runs, |ch| lut[psyms[ch * n + i] as usize]);
+    crate::scratch::with_bytes(2 * c * n, |syms| {
+        match header.level {
+            Level::Raw => unreachable!("handled above"),
+            Level::Q8 => {
+                syms.copy_from_slice(r.take(2 * c * n)?);
+                let top = (alphabet(256) - 1) as u8;
+                if let Some(i) = syms.iter().position(|&s| s > top) {
+                    return Err(DecodeError::SymbolOutOfRange { stream: i / n });
                 }
             }
+            Level::CgHigh | Level::CgDefault | Level::CgLow => {
+                let alpha = ChannelAlphabets {
+                    first: c,
+                    first_width: alphabet(bk) - 1,
+                    rest_width: alphabet(bv) - 1,
+                };
+                let rest = r.take(r.remaining())?;
+                native::decode_channels(rest, n, alpha, syms)?;
+            }
+            Level::Lmcache => decode_lmcache(header, &mut r, c, n, [bk, bv], syms)?,
         }
-    }
-    finish(&r)
+        let mut lut = [0u32; 256];
+        let cs: Option<Vec<f32>> = channel_scales.map(|v| {
+            v.iter()
+                .map(|&b| DType::BF16.f32_from_bits(b as u32))
+                .collect()
+        });
+        for (p, part) in Part::BOTH.into_iter().enumerate() {
+            let bins = if p == 0 { bk } else { bv };
+            let psyms = &syms[p * c * n..(p + 1) * c * n];
+            for i in 0..n {
+                let m = spec.dtype.scale_value(scales[p][i]);
+                let runs = spec.row_runs(0, part, t0 + i);
+                match (part, &cs) {
+                    (Part::K, Some(cs)) => {
+                        let max = max_level(bins) as f32;
+                        write_row(out, es, runs, |ch| {
+                            let q = psyms[ch * n + i] as f32;
+                            spec.dtype.bits_from_f32(((q - max) / max) * m * cs[ch])
+                        });
+                    }
+                    _ => {
+                        quant::dequant_lut(bins, m, spec.dtype, &mut lut);
+                        write_row(out, es, runs, |ch| lut[psyms[ch * n + i] as usize]);
+                    }
+                }
+            }
+        }
+        finish(&r)
+    })
 }
 
 #[inline]
