@@ -453,10 +453,19 @@ fn summary() {
         rayon::current_num_threads()
     );
     println!();
-    println!(
-        "| level | fp16 / encoded | encode 1 core | decode 1 core | encode all cores | decode all cores |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|");
+    // Columns in `CASES` order, the order of each row's rates.
+    let columns: Vec<String> = CASES
+        .iter()
+        .map(|(op, cores)| {
+            let cores = match cores {
+                Cores::One => "1 core",
+                Cores::All => "all cores",
+            };
+            format!("{} {cores} GB/s", op.name())
+        })
+        .collect();
+    println!("| level | fp16 / encoded | {} |", columns.join(" | "));
+    println!("|---|---:|{}", "---:|".repeat(CASES.len()));
     for (level, ratio, rates) in &rows {
         let cells: Vec<String> = rates
             .iter()
@@ -465,7 +474,10 @@ fn summary() {
         println!("| {level} | {ratio:.2}× | {} |", cells.join(" | "));
     }
     if rows.is_empty() {
-        println!("| (no level matches the filter) | | | | | |");
+        println!(
+            "| (no level matches the filter) | |{}",
+            " |".repeat(CASES.len())
+        );
     }
     println!();
 }
