@@ -29,7 +29,25 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // One line, like every other error: clap's first line without its own prefix.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("kvwire: error: {}", first.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+    };
     let r = match cli.cmd {
         Cmd::Codec(c) => codec_cmd::run(c),
         Cmd::Demo(a) => codec_cmd::demo(a),

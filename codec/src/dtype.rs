@@ -41,6 +41,15 @@ impl DType {
         }
     }
 
+    /// The largest finite value of this dtype, as `f32`.
+    pub const fn max_finite(self) -> f32 {
+        match self {
+            Self::F16 => 65504.0,
+            Self::BF16 => 3.389_531_4e38,
+            Self::F32 => f32::MAX,
+        }
+    }
+
     /// Lower-case name (`f16`, `bf16`, `f32`).
     pub const fn name(self) -> &'static str {
         match self {

@@ -284,9 +284,14 @@ pub(crate) fn decode_payload(
                 match (part, &cs) {
                     (Part::K, Some(cs)) => {
                         let max = max_level(bins) as f32;
+                        // The channel scale is rounded up to bf16, so `m · cs` may exceed the
+                        // output dtype's range (f16 near 65504); no input value did, so
+                        // clamping only moves the value towards it.
+                        let lim = spec.dtype.max_finite();
                         write_row(out, es, runs, |ch| {
                             let q = psyms[ch * n + i] as f32;
-                            spec.dtype.bits_from_f32(((q - max) / max) * m * cs[ch])
+                            let v = ((q - max) / max) * m * cs[ch];
+                            spec.dtype.bits_from_f32(v.clamp(-lim, lim))
                         });
                     }
                     _ => {
