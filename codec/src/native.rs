@@ -535,39 +535,25 @@ fn decode_group<const L: usize>(
     let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
     let x: &mut [u32; L] = x.try_into().expect("L states");
     let pos: &mut [usize; L] = pos.try_into().expect("L positions");
-    // Phase 1: the rANS lanes alone (their chains never wait for a symbol), residual indices
-    // into `ss`.
-    let dec: [&DecTable; L] = std::array::from_fn(|j| ls[j].dec);
-    let (lanes_out, _) = ss.split_at_mut(L * n);
-    for t in 0..n {
-        for j in 0..L {
-            lanes_out[j * n + t] = rans::decode(&mut x[j], dec[j], words, &mut pos[j]) as u8;
+    // Per lane: the prediction after each possible symbol, less the width (wrapping), so that
+    // a symbol is `base + r`. The rANS chain (`x`) never reads it; only the symbol chain does.
+    let mut next = [[0u32; 64]; L];
+    for (nx, l) in next.iter_mut().zip(ls) {
+        for (s, e) in nx.iter_mut().enumerate() {
+            *e = l.pred.next(s as u32).wrapping_sub(w);
         }
     }
-    // Phase 2: add the predictions. A symbol is `base + r - w`; out of range when above `w`
-    // (wrapping makes a negative one huge).
+    let dec: [&DecTable; L] = std::array::from_fn(|j| ls[j].dec);
+    let mut base: [u32; L] = std::array::from_fn(|j| ls[j].pred.first.wrapping_sub(w));
     let mut bad = 0u32;
-    for (l, out) in ls.iter().zip(lanes_out.chunks_exact_mut(n)) {
-        let p = &l.pred;
-        if p.rho2 == 0 {
-            let add = p.first.wrapping_sub(w);
-            for v in out.iter_mut() {
-                let s = add.wrapping_add(*v as u32);
-                bad |= (s > w) as u32;
-                *v = s as u8;
-            }
-        } else {
-            let mut next = [0u32; 64];
-            for (s, e) in next.iter_mut().enumerate() {
-                *e = p.next(s as u32).wrapping_sub(w);
-            }
-            let mut base = p.first.wrapping_sub(w);
-            for v in out.iter_mut() {
-                let s = base.wrapping_add(*v as u32);
-                bad |= (s > w) as u32;
-                *v = s as u8;
-                base = next[(s & 63) as usize];
-            }
+    for t in 0..n {
+        for j in 0..L {
+            let r = rans::decode(&mut x[j], dec[j], words, &mut pos[j]);
+            // Out of range when above `w`: wrapping makes a negative symbol huge.
+            let s = base[j].wrapping_add(r);
+            bad |= (s > w) as u32;
+            ss[j * n + t] = s as u8;
+            base[j] = next[j][(s & 63) as usize];
         }
     }
     bad != 0
