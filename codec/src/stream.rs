@@ -216,16 +216,15 @@ impl Encoder {
             )));
         }
         let r = h.chunk_range(chunk);
-        let mut payload = Vec::new();
         let at = BlockAt {
             view_layer,
             layer,
             t0: r.start,
             n: r.len(),
         };
-        encode_payload(h, view, at, &mut payload)?;
-        BlockHeader::write_block(layer as u32, r.start as u32, r.len() as u32, &payload, out);
-        Ok(())
+        BlockHeader::write_block(layer as u32, r.start as u32, r.len() as u32, out, |out| {
+            encode_payload(h, view, at, out)
+        })
     }
 }
 

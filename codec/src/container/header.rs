@@ -252,24 +252,35 @@ pub struct BlockHeader {
 }
 
 impl BlockHeader {
-    /// Appends a block: header (with the CRC computed here) and payload.
-    pub fn write_block(
+    /// Appends a block whose payload `write_payload` appends to `out` (no intermediate
+    /// buffer): a placeholder header first, then the payload, then the header fields and the
+    /// CRC are filled in. If `write_payload` fails, `out` is left as it was.
+    ///
+    /// # Errors
+    /// Whatever `write_payload` returns.
+    pub fn write_block<E>(
         layer: u32,
         token_start: u32,
         tokens: u32,
-        payload: &[u8],
         out: &mut Vec<u8>,
-    ) {
-        let mut fields = [0u8; 16];
-        fields[0..4].copy_from_slice(&layer.to_le_bytes());
-        fields[4..8].copy_from_slice(&token_start.to_le_bytes());
-        fields[8..12].copy_from_slice(&tokens.to_le_bytes());
-        fields[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&fields), payload);
-        out.extend_from_slice(&BLOCK_MAGIC);
-        out.extend_from_slice(&fields);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(payload);
+        write_payload: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; BLOCK_HEADER_LEN]);
+        if let Err(e) = write_payload(out) {
+            out.truncate(start);
+            return Err(e);
+        }
+        let payload_len = (out.len() - start - BLOCK_HEADER_LEN) as u32;
+        let block = &mut out[start..];
+        block[0..4].copy_from_slice(&BLOCK_MAGIC);
+        block[4..8].copy_from_slice(&layer.to_le_bytes());
+        block[8..12].copy_from_slice(&token_start.to_le_bytes());
+        block[12..16].copy_from_slice(&tokens.to_le_bytes());
+        block[16..20].copy_from_slice(&payload_len.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&block[4..20]), &block[BLOCK_HEADER_LEN..]);
+        block[20..24].copy_from_slice(&crc.to_le_bytes());
+        Ok(())
     }
 
     /// Parses a block header at the start of `buf`.
