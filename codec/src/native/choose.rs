@@ -6,6 +6,16 @@ use crate::model::{member, scale_index, ModelSet, SCALES, SHAPES};
 
 /// Chooses the cheapest model for one channel's symbols (each `<= set.half_width`).
 pub fn choose_model(syms: &[u8], set: &ModelSet) -> ChannelModel {
+    choose_model_residuals(syms, set, &mut vec![0; syms.len()])
+}
+
+/// [`choose_model`], also writing each symbol's residual index under the chosen model
+/// (`s[t] - base[t] + w`) into `residuals` (same length), for the coder.
+pub(super) fn choose_model_residuals(
+    syms: &[u8],
+    set: &ModelSet,
+    residuals: &mut [u8],
+) -> ChannelModel {
     let w = set.half_width;
     let n = syms.len();
     if n == 0 {
@@ -47,9 +57,11 @@ pub fn choose_model(syms: &[u8], set: &ModelSet) -> ChannelModel {
     // on store-to-load forwarding of one counter.
     let mut hist = [[0u32; 2 * 63 + 1]; 2];
     let mut base = p.first;
-    for pair in syms.chunks(2) {
-        for (k, &s) in pair.iter().enumerate() {
-            hist[k][(s as u32 + w - base) as usize] += 1;
+    for (pair, rpair) in syms.chunks(2).zip(residuals.chunks_mut(2)) {
+        for (k, (&s, r)) in pair.iter().zip(rpair.iter_mut()).enumerate() {
+            let ri = s as u32 + w - base;
+            hist[k][ri as usize] += 1;
+            *r = ri as u8;
             base = p.next(s as u32);
         }
     }

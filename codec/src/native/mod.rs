@@ -27,6 +27,7 @@
 mod choose;
 
 pub use choose::choose_model;
+use choose::choose_model_residuals;
 
 use crate::bits::{BitReader, BitWriter};
 use crate::error::DecodeError;
@@ -143,42 +144,45 @@ pub fn encode_channels(syms: &[u8], n: usize, alpha: ChannelAlphabets, out: &mut
         ModelSet::get(alpha.first_width),
         ModelSet::get(alpha.rest_width),
     ];
-    let models: Vec<ChannelModel> = (0..channels)
-        .map(|ch| {
-            choose_model(
-                &syms[ch * n..(ch + 1) * n],
-                &sets[(ch >= alpha.first) as usize],
-            )
-        })
-        .collect();
-    let mut bw = BitWriter::default();
-    for m in &models {
-        bw.put(m.rho as u32, RHO_BITS);
-        bw.put(m.mu2 as u32, MU_BITS);
-        bw.put(m.shape as u32, SHAPE_BITS);
-        bw.put(m.scale as u32, SCALE_BITS);
-    }
-    out.extend_from_slice(&bw.finish());
-
-    let lanes = lanes_of(&models, alpha, &sets);
-    // Each lane has its own word stream, written backwards: at most one word per symbol, plus
-    // the final state.
-    crate::scratch::with_lane_words(LANES, |scratch| {
-        encode_lanes(syms, n, alpha, &lanes, scratch, out);
+    // The models, and each symbol's residual index under its channel's model.
+    crate::scratch::with_bytes(syms.len(), |residuals| {
+        let models: Vec<ChannelModel> = (0..channels)
+            .map(|ch| {
+                choose_model_residuals(
+                    &syms[ch * n..(ch + 1) * n],
+                    &sets[(ch >= alpha.first) as usize],
+                    &mut residuals[ch * n..(ch + 1) * n],
+                )
+            })
+            .collect();
+        let mut bw = BitWriter::default();
+        for m in &models {
+            bw.put(m.rho as u32, RHO_BITS);
+            bw.put(m.mu2 as u32, MU_BITS);
+            bw.put(m.shape as u32, SHAPE_BITS);
+            bw.put(m.scale as u32, SCALE_BITS);
+        }
+        out.extend_from_slice(&bw.finish());
+        let lanes = lanes_of(&models, alpha, &sets);
+        // Each lane has its own word stream, written backwards: at most one word per symbol,
+        // plus the final state.
+        crate::scratch::with_lane_words(LANES, |scratch| {
+            encode_lanes(residuals, n, alpha, &lanes, scratch, out);
+        });
     });
 }
 
-/// Codes the lanes of a block into per-lane word buffers (`scratch`, one per lane) and appends
-/// the counts and words to `out`.
+/// Codes the residual indices of a block (channel-major) into per-lane word buffers
+/// (`scratch`, one per lane) and appends the counts and words to `out`.
 fn encode_lanes(
-    syms: &[u8],
+    residuals: &[u8],
     n: usize,
     alpha: ChannelAlphabets,
     lanes: &[Lane<'_>],
     scratch: &mut [Vec<u16>],
     out: &mut Vec<u8>,
 ) {
-    let channels = syms.len() / n;
+    let channels = residuals.len() / n;
     let mut bufs: Vec<LaneWords<'_>> = lane_symbols(alpha, channels, n)
         .iter()
         .zip(scratch.iter_mut())
@@ -194,14 +198,14 @@ fn encode_lanes(
     let all: Vec<(usize, usize)> = groups(alpha, channels).collect();
     for &(c0, k) in all.iter().rev() {
         let ls = &lanes[c0..c0 + k];
-        let ss = &syms[c0 * n..(c0 + k) * n];
+        let rs = &residuals[c0 * n..(c0 + k) * n];
         if k == LANES {
-            encode_group::<LANES>(ls, ss, n, &mut states, &mut bufs);
+            encode_group::<LANES>(ls, rs, n, &mut states, &mut bufs);
         } else {
             for j in (0..k).rev() {
                 encode_group::<1>(
                     &ls[j..j + 1],
-                    &ss[j * n..(j + 1) * n],
+                    &rs[j * n..(j + 1) * n],
                     n,
                     &mut states[j..j + 1],
                     &mut bufs[j..j + 1],
@@ -231,11 +235,11 @@ struct LaneWords<'a> {
     pos: usize,
 }
 
-/// Encodes `L` lanes (channels `ls`, symbols `ss`, channel-major) backwards.
+/// Encodes `L` lanes (channels `ls`, residual indices `rs`, channel-major) backwards.
 #[inline(always)]
 fn encode_group<const L: usize>(
     ls: &[Lane<'_>],
-    ss: &[u8],
+    rs: &[u8],
     n: usize,
     states: &mut [u32],
     bufs: &mut [LaneWords<'_>],
@@ -245,15 +249,7 @@ fn encode_group<const L: usize>(
     let bufs: &mut [LaneWords<'_>; L] = bufs.try_into().expect("L streams");
     for t in (0..n).rev() {
         for j in (0..L).rev() {
-            let lane = &ls[j];
-            let s = &ss[j * n..(j + 1) * n];
-            let base = if t == 0 {
-                lane.pred.first
-            } else {
-                lane.pred.next(s[t - 1] as u32)
-            };
-            let r = (s[t] as u32 + lane.width - base) as usize;
-            let e: &EncSymbol = &lane.table.enc[r];
+            let e: &EncSymbol = &ls[j].table.enc[rs[j * n + t] as usize];
             let b = &mut bufs[j];
             rans::encode_into(&mut states[j], b.buf, &mut b.pos, e);
         }
