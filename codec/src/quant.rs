@@ -41,14 +41,13 @@ fn round_half_even_small(v: f32) -> u32 {
 /// The absmax of `row` and whether it held a non-finite value.
 #[inline]
 pub(crate) fn absmax(row: &[f32]) -> (f32, bool) {
-    let mut m = 0f32;
-    let mut bad = false;
-    for &x in row {
-        let a = x.abs();
-        bad |= !a.is_finite();
-        m = if a > m { a } else { m };
-    }
-    (m, bad)
+    // On the bits: for non-negative floats (and +inf, NaN) the integer order is the float
+    // order, so an integer max over `bits & 0x7FFF_FFFF` is the absmax, and a value at or above
+    // 0x7F80_0000 is infinite or NaN. Integer reductions vectorize; float max does not.
+    let m = row
+        .iter()
+        .fold(0u32, |m, x| m.max(x.to_bits() & 0x7FFF_FFFF));
+    (f32::from_bits(m), m >= 0x7F80_0000)
 }
 
 /// Quantizes one row of input of `dtype` into `out` (same length) with `bins` bins; returns
