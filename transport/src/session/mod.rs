@@ -1,0 +1,1 @@
+//! Shipping KV caches over a connection (to be written).
