@@ -12,3 +12,4 @@ mod fixture;
 mod hostile;
 mod roundtrip;
 mod streaming;
+mod transport;

@@ -328,6 +328,72 @@ impl Decoder {
         })
     }
 
+    /// The spec of the buffer [`Self::decode_block_chunk`] fills for `chunk`: one layer,
+    /// the chunk's tokens only.
+    pub fn chunk_spec(&self, chunk: usize) -> KvSpec {
+        let mut s = self.layer_spec();
+        s.shape.tokens = self.header.chunk_range(chunk).len();
+        s
+    }
+
+    /// Decodes the block at the start of `block` into `chunk_out`, a buffer of its tokens
+    /// only ([`Self::chunk_spec`] of its chunk, whose length the caller learns from
+    /// [`Self::block_header`]). Blocks of one layer can so decode on several threads at once;
+    /// [`Self::place_chunk`] then copies each into the layer.
+    ///
+    /// # Errors
+    /// As [`Self::decode_block`].
+    pub fn decode_block_chunk(&self, block: &[u8], chunk_out: &mut [u8]) -> Result<BlockInfo> {
+        let (bh, chunk) = self.block_header(block)?;
+        let spec = self.chunk_spec(chunk);
+        if chunk_out.len() != spec.byte_len() {
+            return Err(CodecError::BufferTooSmall {
+                needed: spec.byte_len(),
+                have: chunk_out.len(),
+            });
+        }
+        let payload = bh.verified_payload(block)?;
+        let r = self.header.chunk_range(chunk);
+        // Row placement follows the header's spec: one whose token count is the chunk's
+        // makes the payload land in a chunk-shaped buffer at token 0.
+        let mut h = self.header.clone();
+        h.spec.shape.tokens = r.len();
+        decode_payload(&h, bh.layer as usize, 0, r.len(), payload, chunk_out)?;
+        Ok(BlockInfo {
+            layer: bh.layer as usize,
+            chunk,
+            tokens: r,
+            consumed: bh.block_len(),
+        })
+    }
+
+    /// Copies a chunk decoded by [`Self::decode_block_chunk`] into `layer_out`, the bytes of
+    /// its layer (length `layer_spec().byte_len()`).
+    ///
+    /// # Errors
+    /// [`CodecError::BufferTooSmall`] if either buffer has the wrong length.
+    pub fn place_chunk(&self, info: &BlockInfo, chunk: &[u8], layer_out: &mut [u8]) -> Result<()> {
+        let cspec = self.chunk_spec(info.chunk);
+        let lspec = self.layer_spec();
+        for (need, have) in [
+            (cspec.byte_len(), chunk.len()),
+            (lspec.byte_len(), layer_out.len()),
+        ] {
+            if need != have {
+                return Err(CodecError::BufferTooSmall { needed: need, have });
+            }
+        }
+        let view = KvView::new(cspec, chunk)?;
+        let mut row = vec![0u8; cspec.shape.channels() * cspec.dtype.size()];
+        for part in crate::Part::BOTH {
+            for (i, t) in info.tokens.clone().enumerate() {
+                view.copy_row_bytes(0, part, i, &mut row);
+                crate::layout::write_row_bytes(&lspec, layer_out, 0, part, t, &row);
+            }
+        }
+        Ok(())
+    }
+
     /// Decodes the block at the start of `block` into its place in `cache`.
     ///
     /// # Errors

@@ -118,3 +118,12 @@ pub trait Link: Send + Sync {
     /// Ends the connection, telling the peer why (`reason` is empty for an orderly close).
     fn close(&self, reason: &str);
 }
+
+impl std::fmt::Debug for dyn Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("fabric", &self.fabric())
+            .field("peer_addrs", &self.peer().addrs)
+            .finish()
+    }
+}

@@ -1,1 +1,13 @@
-//! Shipping KV caches over a connection (to be written).
+//! Shipping KV caches over a connection: the sender encodes each (layer, chunk) block into
+//! a send buffer and writes it, with an immediate naming (slot, layer, chunk), into a slot
+//! of the receiver's registered region; the receiver decodes each block as it lands, gives
+//! the slot back, and hands finished layers out in order. Slots and send buffers are
+//! bounded, so memory stays bounded whatever the cache size; the receiver confirms the
+//! transfer only when every block passed its CRC and decoded.
+
+pub mod msg;
+mod recv;
+mod send;
+
+pub use recv::{KvReceiver, RecvOptions, RecvSlots, RecvStats};
+pub use send::{send_kv, KvSender, SendOptions, SendStats};

@@ -1,0 +1,1 @@
+//! Whole KV transfers through the session layer.

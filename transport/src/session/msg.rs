@@ -1,0 +1,271 @@
+//! The session's own messages, carried by the link's two-sided messages.
+//!
+//! | tag | message | fields |
+//! |---|---|---|
+//! | 1 | `Begin` | the codec header of the transfer (shape, dtype, layout, level, bins) |
+//! | 2 | `Ready` | receive region id u32, slot size u64, slot count u16 |
+//! | 3 | `Grant` | count u16, then that many slot indices u16: slots the sender may write |
+//! | 4 | `Complete` | blocks decoded u32, receiver's first-block-to-last-decode time in ns u64 |
+//! | 5 | `Abort` | UTF-8 reason |
+//!
+//! Every message starts with the byte `S` and the tag; parsing checks each length against
+//! the bytes present and the limits here.
+
+use crate::error::{Result, TransportError};
+
+/// Largest codec header a `Begin` may carry.
+pub const MAX_HEADER_LEN: usize = 64 * 1024;
+/// Most slots a receiver offers (the immediate holds a slot index in 8 bits).
+pub const MAX_SLOTS: u16 = 256;
+/// Longest abort reason.
+pub const MAX_REASON: usize = 1024;
+
+/// A session message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionMsg {
+    /// Sender -> receiver: a transfer starts; its codec header.
+    Begin {
+        /// Serialized `kvwire_codec::Header`.
+        header: Vec<u8>,
+    },
+    /// Receiver -> sender: where the blocks go.
+    Ready {
+        /// The receive region.
+        region: u32,
+        /// Bytes per slot (the largest block accepted).
+        slot_size: u64,
+        /// Slots in the region.
+        slots: u16,
+    },
+    /// Receiver -> sender: these slots are free to write.
+    Grant {
+        /// Slot indices.
+        slots: Vec<u16>,
+    },
+    /// Receiver -> sender: every block arrived, passed its CRC and decoded.
+    Complete {
+        /// Blocks decoded.
+        blocks: u32,
+        /// Receiver-side time from the first block landing to the last one decoded.
+        decode_ns: u64,
+    },
+    /// Either way: the transfer is abandoned, and why.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl SessionMsg {
+    /// Serializes the message.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![b'S'];
+        match self {
+            Self::Begin { header } => {
+                out.push(1);
+                out.extend_from_slice(header);
+            }
+            Self::Ready {
+                region,
+                slot_size,
+                slots,
+            } => {
+                out.push(2);
+                out.extend_from_slice(&region.to_le_bytes());
+                out.extend_from_slice(&slot_size.to_le_bytes());
+                out.extend_from_slice(&slots.to_le_bytes());
+            }
+            Self::Grant { slots } => {
+                out.push(3);
+                out.extend_from_slice(&(slots.len() as u16).to_le_bytes());
+                for s in slots {
+                    out.extend_from_slice(&s.to_le_bytes());
+                }
+            }
+            Self::Complete { blocks, decode_ns } => {
+                out.push(4);
+                out.extend_from_slice(&blocks.to_le_bytes());
+                out.extend_from_slice(&decode_ns.to_le_bytes());
+            }
+            Self::Abort { reason } => {
+                out.push(5);
+                let mut end = reason.len().min(MAX_REASON);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.extend_from_slice(&reason.as_bytes()[..end]);
+            }
+        }
+        out
+    }
+
+    /// Parses a message.
+    ///
+    /// # Errors
+    /// [`TransportError::Protocol`] for anything malformed.
+    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+        let bad = |m: &str| TransportError::Protocol(format!("session message: {m}"));
+        if b.len() < 2 || b[0] != b'S' {
+            return Err(bad("not a session message"));
+        }
+        let body = &b[2..];
+        let fixed = |n: usize| {
+            if body.len() == n {
+                Ok(())
+            } else {
+                Err(bad(&format!(
+                    "tag {} needs {n} bytes, has {}",
+                    b[1],
+                    body.len()
+                )))
+            }
+        };
+        Ok(match b[1] {
+            1 => {
+                if body.is_empty() || body.len() > MAX_HEADER_LEN {
+                    return Err(bad(&format!("codec header of {} bytes", body.len())));
+                }
+                Self::Begin {
+                    header: body.to_vec(),
+                }
+            }
+            2 => {
+                fixed(14)?;
+                let slots = u16::from_le_bytes([body[12], body[13]]);
+                if slots == 0 || slots > MAX_SLOTS {
+                    return Err(bad(&format!("{slots} slots (1 to {MAX_SLOTS})")));
+                }
+                Self::Ready {
+                    region: u32::from_le_bytes(body[0..4].try_into().expect("4 bytes")),
+                    slot_size: u64::from_le_bytes(body[4..12].try_into().expect("8 bytes")),
+                    slots,
+                }
+            }
+            3 => {
+                if body.len() < 2 {
+                    return Err(bad("grant without a count"));
+                }
+                let n = u16::from_le_bytes([body[0], body[1]]);
+                if n > MAX_SLOTS {
+                    return Err(bad(&format!("grant of {n} slots")));
+                }
+                fixed(2 + 2 * n as usize)?;
+                Self::Grant {
+                    slots: body[2..]
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                }
+            }
+            4 => {
+                fixed(12)?;
+                Self::Complete {
+                    blocks: u32::from_le_bytes(body[0..4].try_into().expect("4 bytes")),
+                    decode_ns: u64::from_le_bytes(body[4..12].try_into().expect("8 bytes")),
+                }
+            }
+            5 => {
+                if body.len() > MAX_REASON {
+                    return Err(bad("abort reason too long"));
+                }
+                Self::Abort {
+                    reason: String::from_utf8_lossy(body).into_owned(),
+                }
+            }
+            t => return Err(bad(&format!("unknown tag {t}"))),
+        })
+    }
+}
+
+/// The immediate of a block write: slot (8 bits), layer (12 bits), chunk (12 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockImm {
+    /// Receive slot.
+    pub slot: u16,
+    /// Layer.
+    pub layer: u32,
+    /// Chunk within the layer.
+    pub chunk: u32,
+}
+
+/// Most layers the immediate can name.
+pub const MAX_LAYERS: usize = 1 << 12;
+/// Most chunks per layer the immediate can name.
+pub const MAX_CHUNKS: usize = 1 << 12;
+
+impl BlockImm {
+    /// Packs into 32 bits (fits a verbs immediate).
+    pub const fn pack(self) -> u32 {
+        ((self.slot as u32 & 0xff) << 24) | ((self.layer & 0xfff) << 12) | (self.chunk & 0xfff)
+    }
+
+    /// Unpacks.
+    pub const fn unpack(v: u32) -> Self {
+        Self {
+            slot: (v >> 24) as u16,
+            layer: (v >> 12) & 0xfff,
+            chunk: v & 0xfff,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn roundtrips() {
+        for m in [
+            SessionMsg::Begin {
+                header: vec![1, 2, 3],
+            },
+            SessionMsg::Ready {
+                region: 3,
+                slot_size: 1 << 22,
+                slots: 16,
+            },
+            SessionMsg::Grant {
+                slots: vec![0, 5, 255],
+            },
+            SessionMsg::Complete {
+                blocks: 9,
+                decode_ns: 123,
+            },
+            SessionMsg::Abort {
+                reason: "CRC".into(),
+            },
+        ] {
+            assert_eq!(SessionMsg::from_bytes(&m.to_bytes()).unwrap(), m);
+        }
+        let i = BlockImm {
+            slot: 255,
+            layer: 4095,
+            chunk: 17,
+        };
+        assert_eq!(BlockImm::unpack(i.pack()), i);
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        for b in [
+            &b""[..],
+            b"S",
+            b"X\x01abc",
+            b"S\x01",
+            b"S\x02\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            b"S\x03\x02\x00\x01\x00",
+            b"S\x04\0\0",
+            b"S\x09",
+        ] {
+            assert!(SessionMsg::from_bytes(b).is_err(), "{b:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = SessionMsg::from_bytes(&b);
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! The receiving side: a driver thread turns notifications into decode jobs; decode
+//! threads copy each block out of its slot, decode it into a chunk buffer, give the slot
+//! back to the sender and place the chunk into its layer; finished layers come out in
+//! order.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvwire_codec::{Decoder, KvCache, KvSpec};
+
+use super::msg::{BlockImm, SessionMsg, MAX_SLOTS};
+use crate::endpoint::{Connection, Endpoint};
+use crate::error::{Result, TransportError};
+use crate::link::{Event, Notification};
+use crate::region::{Access, Region, RegionId};
+
+/// A registered receive region cut into equal slots; one block lands in each.
+#[derive(Debug, Clone)]
+pub struct RecvSlots {
+    /// The region's id at the endpoint.
+    pub region: RegionId,
+    /// The region.
+    pub mem: Arc<Region>,
+    /// Bytes per slot.
+    pub slot_size: u64,
+    /// Slots.
+    pub slots: u16,
+}
+
+impl RecvSlots {
+    /// Registers a region of `slots` x `slot_size` bytes with `ep` (writable by peers), once;
+    /// every transfer reuses it.
+    ///
+    /// # Errors
+    /// A slot count outside 1..=256, or the region cannot be mapped.
+    pub fn register(ep: &Endpoint, slots: u16, slot_size: u64) -> Result<Self> {
+        if slots == 0 || slots > MAX_SLOTS || slot_size == 0 {
+            return Err(TransportError::Invalid(format!(
+                "{slots} slots of {slot_size} bytes (1 to {MAX_SLOTS} slots, non-empty)"
+            )));
+        }
+        let len = usize::try_from(u64::from(slots) * slot_size)
+            .map_err(|_| TransportError::Invalid("receive region too large".into()))?;
+        let (region, mem) = ep.register(
+            len,
+            Access {
+                remote_write: true,
+                remote_read: false,
+            },
+        )?;
+        Ok(Self {
+            region,
+            mem,
+            slot_size,
+            slots,
+        })
+    }
+}
+
+/// How to receive.
+#[derive(Debug, Clone)]
+pub struct RecvOptions {
+    /// Decode threads (0: one per core).
+    pub threads: usize,
+    /// Longest silence from the sender before the transfer fails.
+    pub timeout: Duration,
+    /// Largest KV cache (bytes, decoded) accepted; a `Begin` announcing more is refused
+    /// before anything is allocated.
+    pub max_kv_bytes: u64,
+}
+
+impl Default for RecvOptions {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            timeout: Duration::from_secs(5),
+            max_kv_bytes: 64 << 30,
+        }
+    }
+}
+
+/// What a finished receive measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvStats {
+    /// Blocks decoded.
+    pub blocks: usize,
+    /// Block bytes that arrived.
+    pub wire_bytes: u64,
+    /// From the transfer's `Begin` to the last block decoded.
+    pub elapsed: Duration,
+}
+
+struct LayerState {
+    buf: Vec<u8>,
+    chunks_done: Vec<bool>,
+    remaining: usize,
+}
+
+struct Shared {
+    conn: Connection,
+    decoder: Decoder,
+    slots: RecvSlots,
+    layers: Vec<Mutex<Option<LayerState>>>,
+    decoded: AtomicUsize,
+    total: usize,
+    wire_bytes: AtomicUsize,
+    failed: AtomicBool,
+    out: Mutex<Sender<Result<(usize, Vec<u8>)>>>,
+    first_block: Mutex<Option<Instant>>,
+    /// Slots the decoders freed (and already granted to the sender), for the driver's
+    /// bookkeeping of which slots may be written.
+    regrant: Mutex<Vec<u16>>,
+}
+
+impl Shared {
+    fn emit(&self, r: Result<(usize, Vec<u8>)>) {
+        let tx = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.send(r);
+    }
+
+    fn fail(&self, e: TransportError) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            let _ = self.conn.send_msg(
+                &SessionMsg::Abort {
+                    reason: e.to_string(),
+                }
+                .to_bytes(),
+            );
+            self.emit(Err(e));
+        }
+    }
+}
+
+/// One KV transfer being received.
+pub struct KvReceiver {
+    shared: Arc<Shared>,
+    rx: Receiver<Result<(usize, Vec<u8>)>>,
+    done: BTreeMap<usize, Vec<u8>>,
+    next: usize,
+    started: Instant,
+    timeout: Duration,
+}
+
+impl KvReceiver {
+    /// Waits for the sender's `Begin`, checks the announced cache against the limits, and
+    /// offers the slots; decoding starts in the background.
+    ///
+    /// # Errors
+    /// Nothing announced within the timeout; a bad codec header; a cache larger than
+    /// `max_kv_bytes`; a failed connection.
+    pub fn accept(conn: &Connection, slots: &RecvSlots, opts: &RecvOptions) -> Result<Self> {
+        let header = loop {
+            match conn.poll(opts.timeout)? {
+                Some(Event::Message(m)) => match SessionMsg::from_bytes(&m)? {
+                    SessionMsg::Begin { header } => break header,
+                    SessionMsg::Abort { reason } => {
+                        return Err(TransportError::RemoteAbort(reason))
+                    }
+                    other => {
+                        return Err(TransportError::Protocol(format!(
+                            "expected Begin, got {other:?}"
+                        )))
+                    }
+                },
+                Some(other) => {
+                    return Err(TransportError::Protocol(format!(
+                        "unexpected event before Begin: {other:?}"
+                    )))
+                }
+                None => {
+                    return Err(TransportError::Timeout(
+                        opts.timeout,
+                        "the sender to begin a transfer",
+                    ))
+                }
+            }
+        };
+        let started = Instant::now();
+        let decoder = match Decoder::new(&header) {
+            Ok((d, n)) if n == header.len() => d,
+            Ok(_) => {
+                return Err(refuse(
+                    conn,
+                    TransportError::Protocol("stray bytes after the codec header".into()),
+                ))
+            }
+            Err(e) => return Err(refuse(conn, TransportError::Codec(e.into()))),
+        };
+        let spec = decoder.header().spec;
+        let total_bytes = spec.byte_len() as u64;
+        if total_bytes > opts.max_kv_bytes {
+            return Err(refuse(
+                conn,
+                TransportError::Invalid(format!(
+                    "the sender announced a {total_bytes}-byte cache, the limit is {}",
+                    opts.max_kv_bytes
+                )),
+            ));
+        }
+        let chunks = decoder.header().chunks();
+        let total = spec.shape.layers * chunks;
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            conn: conn.clone(),
+            decoder,
+            slots: slots.clone(),
+            layers: (0..spec.shape.layers).map(|_| Mutex::new(None)).collect(),
+            decoded: AtomicUsize::new(0),
+            total,
+            wire_bytes: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            out: Mutex::new(tx),
+            first_block: Mutex::new(None),
+            regrant: Mutex::new(Vec::new()),
+        });
+        conn.send_msg(
+            &SessionMsg::Ready {
+                region: slots.region.0,
+                slot_size: slots.slot_size,
+                slots: slots.slots,
+            }
+            .to_bytes(),
+        )?;
+        conn.send_msg(
+            &SessionMsg::Grant {
+                slots: (0..slots.slots).collect(),
+            }
+            .to_bytes(),
+        )?;
+        let threads = match opts.threads {
+            0 => thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let (job_tx, job_rx) = mpsc::channel::<Notification>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        for i in 0..threads {
+            let (sh, jr) = (shared.clone(), job_rx.clone());
+            thread::Builder::new()
+                .name(format!("kvwire-decode{i}"))
+                .spawn(move || decode_loop(&sh, &jr))
+                .map_err(|e| TransportError::io("spawning a decode thread", e))?;
+        }
+        let sh = shared.clone();
+        let timeout = opts.timeout;
+        thread::Builder::new()
+            .name("kvwire-recv".into())
+            .spawn(move || drive(&sh, &job_tx, timeout))
+            .map_err(|e| TransportError::io("spawning the receive driver", e))?;
+        Ok(Self {
+            shared,
+            rx,
+            done: BTreeMap::new(),
+            next: 0,
+            started,
+            timeout: opts.timeout,
+        })
+    }
+
+    /// The spec of the cache being received.
+    pub fn spec(&self) -> KvSpec {
+        self.shared.decoder.header().spec
+    }
+
+    /// The codec header of the transfer.
+    pub fn decoder(&self) -> &Decoder {
+        &self.shared.decoder
+    }
+
+    /// The next layer in order (index, bytes in the cache's layout and dtype), once all its
+    /// blocks decoded; `None` after the last.
+    ///
+    /// # Errors
+    /// A block failed (CRC, decode), the sender aborted or went silent, the connection
+    /// failed.
+    pub fn next_layer(&mut self) -> Result<Option<(usize, Vec<u8>)>> {
+        let layers = self.shared.layers.len();
+        if self.next >= layers {
+            return Ok(None);
+        }
+        loop {
+            if let Some(buf) = self.done.remove(&self.next) {
+                let l = self.next;
+                self.next += 1;
+                return Ok(Some((l, buf)));
+            }
+            match self.rx.recv_timeout(self.timeout + Duration::from_secs(1)) {
+                Ok(Ok((l, buf))) => {
+                    self.done.insert(l, buf);
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(TransportError::Timeout(self.timeout, "the next layer"));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(TransportError::PeerClosed(
+                        "the receive threads ended".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Receives every layer into one cache.
+    ///
+    /// # Errors
+    /// As [`Self::next_layer`]; the cache cannot be allocated.
+    pub fn recv_all(mut self) -> Result<(KvCache, RecvStats)> {
+        let spec = self.spec();
+        let mut cache = KvCache::try_zeroed(spec)?;
+        let es = spec.dtype.size();
+        while let Some((l, buf)) = self.next_layer()? {
+            let r = spec.layer_range(l);
+            cache.bytes_mut()[r.start * es..r.end * es].copy_from_slice(&buf);
+        }
+        let stats = self.stats();
+        Ok((cache, stats))
+    }
+
+    /// What was received so far.
+    pub fn stats(&self) -> RecvStats {
+        RecvStats {
+            blocks: self.shared.decoded.load(Ordering::Acquire),
+            wire_bytes: self.shared.wire_bytes.load(Ordering::Acquire) as u64,
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+impl Drop for KvReceiver {
+    fn drop(&mut self) {
+        // Stops the driver and decoders if the caller gave up early.
+        self.shared.failed.store(true, Ordering::Release);
+    }
+}
+
+fn refuse(conn: &Connection, e: TransportError) -> TransportError {
+    let _ = conn.send_msg(
+        &SessionMsg::Abort {
+            reason: e.to_string(),
+        }
+        .to_bytes(),
+    );
+    e
+}
+
+/// Polls the connection, checks each notification against the slots, and queues decodes.
+fn drive(sh: &Shared, jobs: &Sender<Notification>, timeout: Duration) {
+    let mut granted = vec![true; usize::from(sh.slots.slots)];
+    let mut last_activity = Instant::now();
+    loop {
+        if sh.failed.load(Ordering::Acquire) || sh.decoded.load(Ordering::Acquire) >= sh.total {
+            return;
+        }
+        match sh.conn.poll(Duration::from_millis(20)) {
+            Ok(Some(Event::Notify(n))) => {
+                last_activity = Instant::now();
+                if let Err(e) = check_notify(sh, &n, &mut granted) {
+                    sh.fail(e);
+                    return;
+                }
+                let _ = jobs.send(n);
+            }
+            Ok(Some(Event::Message(m))) => match SessionMsg::from_bytes(&m) {
+                Ok(SessionMsg::Abort { reason }) => {
+                    sh.failed.store(true, Ordering::Release);
+                    sh.emit(Err(TransportError::RemoteAbort(reason)));
+                    return;
+                }
+                Ok(other) => {
+                    sh.fail(TransportError::Protocol(format!(
+                        "unexpected {other:?} mid-transfer"
+                    )));
+                    return;
+                }
+                Err(e) => {
+                    sh.fail(e);
+                    return;
+                }
+            },
+            Ok(Some(other)) => {
+                sh.fail(TransportError::Protocol(format!(
+                    "unexpected event mid-transfer: {other:?}"
+                )));
+                return;
+            }
+            Ok(None) => {
+                // Slots come back from the decoders; they count as activity too.
+                if last_activity.elapsed() > timeout {
+                    let decoded = sh.decoded.load(Ordering::Acquire);
+                    sh.fail(TransportError::Timeout(timeout, "the sender's next block"));
+                    tracing::debug!(decoded, total = sh.total, "receive timed out");
+                    return;
+                }
+            }
+            Err(e) => {
+                sh.failed.store(true, Ordering::Release);
+                sh.emit(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+/// A notification must name our receive region, start at a granted slot, fit in it, and
+/// carry an immediate naming that slot.
+fn check_notify(sh: &Shared, n: &Notification, granted: &mut [bool]) -> Result<()> {
+    let Some(imm) = n.imm.map(BlockImm::unpack) else {
+        return Err(TransportError::Protocol(
+            "a block write without an immediate".into(),
+        ));
+    };
+    let s = &sh.slots;
+    let slot = usize::from(imm.slot);
+    let at = u64::from(imm.slot) * s.slot_size;
+    if n.region != s.region
+        || slot >= granted.len()
+        || n.offset != at
+        || n.len > s.slot_size
+        || n.len == 0
+    {
+        return Err(TransportError::Protocol(format!(
+            "block write to region {} offset {} ({} bytes) does not match slot {slot}",
+            n.region.0, n.offset, n.len
+        )));
+    }
+    // Slots the decoders gave back are writable again. A decoder records the slot before
+    // granting it to the sender, so a write into it can only arrive after this sees it.
+    for s in sh
+        .regrant
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+    {
+        granted[usize::from(s)] = true;
+    }
+    if !granted[slot] {
+        return Err(TransportError::Protocol(format!(
+            "write into slot {slot}, which was not granted"
+        )));
+    }
+    granted[slot] = false;
+    Ok(())
+}
+
+fn decode_loop(sh: &Shared, jobs: &Mutex<Receiver<Notification>>) {
+    let mut block = Vec::new();
+    let mut chunk_buf = Vec::new();
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
+            rx.recv_timeout(Duration::from_millis(50))
+        };
+        let n = match job {
+            Ok(n) => n,
+            Err(RecvTimeoutError::Timeout) => {
+                if sh.failed.load(Ordering::Acquire)
+                    || sh.decoded.load(Ordering::Acquire) >= sh.total
+                {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if let Err(e) = decode_one(sh, &n, &mut block, &mut chunk_buf) {
+            sh.fail(e);
+            return;
+        }
+    }
+}
+
+fn decode_one(
+    sh: &Shared,
+    n: &Notification,
+    block: &mut Vec<u8>,
+    chunk_buf: &mut Vec<u8>,
+) -> Result<()> {
+    {
+        let mut f = sh.first_block.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert_with(Instant::now);
+    }
+    let imm = n.imm.map(BlockImm::unpack).expect("checked by the driver");
+    block.resize(n.len as usize, 0);
+    sh.slots.mem.read_at(n.offset, block)?;
+    // The block is ours now: the slot goes back to the sender at once.
+    sh.regrant
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(imm.slot);
+    sh.conn.send_msg(
+        &SessionMsg::Grant {
+            slots: vec![imm.slot],
+        }
+        .to_bytes(),
+    )?;
+    sh.wire_bytes.fetch_add(block.len(), Ordering::Relaxed);
+    let d = &sh.decoder;
+    let (bh, chunk) = d.block_header(block).map_err(|e| TransportError::Block {
+        layer: imm.layer,
+        chunk: imm.chunk,
+        source: e.into(),
+    })?;
+    if bh.layer != imm.layer || chunk as u32 != imm.chunk {
+        return Err(TransportError::Protocol(format!(
+            "block (layer {}, chunk {chunk}) arrived under the immediate of (layer {}, chunk {})",
+            bh.layer, imm.layer, imm.chunk
+        )));
+    }
+    let cspec = d.chunk_spec(chunk);
+    chunk_buf.resize(cspec.byte_len(), 0);
+    let info = d
+        .decode_block_chunk(block, chunk_buf)
+        .map_err(|e| TransportError::Block {
+            layer: imm.layer,
+            chunk: imm.chunk,
+            source: e,
+        })?;
+    let layer = info.layer;
+    let finished = {
+        let mut slot = sh.layers[layer].lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let len = d.layer_spec().byte_len();
+            let mut buf = Vec::new();
+            buf.try_reserve_exact(len).map_err(|_| {
+                TransportError::Invalid(format!("cannot allocate a {len}-byte layer"))
+            })?;
+            buf.resize(len, 0);
+            let chunks = d.header().chunks();
+            *slot = Some(LayerState {
+                buf,
+                chunks_done: vec![false; chunks],
+                remaining: chunks,
+            });
+        }
+        let st = slot.as_mut().expect("set above");
+        if st.chunks_done[chunk] {
+            return Err(TransportError::Protocol(format!(
+                "block (layer {layer}, chunk {chunk}) arrived twice"
+            )));
+        }
+        d.place_chunk(&info, chunk_buf, &mut st.buf)?;
+        st.chunks_done[chunk] = true;
+        st.remaining -= 1;
+        if st.remaining == 0 {
+            slot.take().map(|s| s.buf)
+        } else {
+            None
+        }
+    };
+    if let Some(buf) = finished {
+        sh.emit(Ok((layer, buf)));
+    }
+    let done = sh.decoded.fetch_add(1, Ordering::AcqRel) + 1;
+    if done == sh.total {
+        let since = sh
+            .first_block
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(Instant::now);
+        sh.conn.send_msg(
+            &SessionMsg::Complete {
+                blocks: done as u32,
+                decode_ns: since.elapsed().as_nanos() as u64,
+            }
+            .to_bytes(),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! The sending side: encode (layer, chunk) blocks on worker threads, each straight into a
+//! pooled send buffer, and write each into a receive slot the peer granted, while the
+//! calling thread turns completions and grants back into free buffers and slots.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvwire_codec::{EncodeOptions, Encoder, KvSpec, KvView};
+
+use super::msg::{BlockImm, SessionMsg, MAX_CHUNKS, MAX_LAYERS};
+use crate::endpoint::Connection;
+use crate::error::{Result, TransportError};
+use crate::link::{Event, SendBuf};
+use crate::region::RegionId;
+
+/// How to send.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// Codec level and chunking.
+    pub encode: EncodeOptions,
+    /// Encoding threads (0: one per core).
+    pub threads: usize,
+    /// Send buffers (encoded blocks not yet acknowledged), at most; bounds memory.
+    pub buffers: usize,
+    /// Longest wait for the receiver (a grant, the completion).
+    pub timeout: Duration,
+}
+
+impl SendOptions {
+    /// Options for `encode` with the other fields at their defaults.
+    pub fn new(encode: EncodeOptions) -> Self {
+        Self {
+            encode,
+            threads: 0,
+            buffers: 32,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a finished transfer measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendStats {
+    /// Blocks sent (each acknowledged by the receiver's completion).
+    pub blocks: usize,
+    /// Bytes written to the peer (blocks plus the codec header).
+    pub wire_bytes: u64,
+    /// Bytes of the KV cache as given (its dtype).
+    pub input_bytes: u64,
+    /// From `begin` to the receiver's report that the last block decoded.
+    pub elapsed: Duration,
+    /// The receiver's own first-block-to-last-decode time.
+    pub receiver_decode: Duration,
+}
+
+struct Pool {
+    free_slots: VecDeque<u16>,
+    buffers: Vec<Vec<u8>>,
+    outstanding: usize,
+    error: Option<TransportError>,
+}
+
+/// One KV transfer being sent; layers may be pushed as a prefill engine produces them.
+pub struct KvSender<'c> {
+    conn: &'c Connection,
+    encoder: Encoder,
+    opts: SendOptions,
+    region: RegionId,
+    slot_size: u64,
+    pool: Mutex<Pool>,
+    changed: Condvar,
+    started: Instant,
+    blocks: usize,
+    wire_bytes: AtomicUsize,
+    next_wr: AtomicUsize,
+}
+
+impl<'c> KvSender<'c> {
+    /// Announces a transfer of a cache of `spec` and waits for the receiver's slots.
+    ///
+    /// # Errors
+    /// The codec refuses the spec or options; the shape exceeds what the immediate can name
+    /// (4096 layers, 4096 chunks per layer); the receiver aborts, goes silent past the
+    /// timeout, or the connection fails.
+    pub fn begin(conn: &'c Connection, spec: KvSpec, opts: &SendOptions) -> Result<Self> {
+        let encoder = Encoder::new(spec, &opts.encode)?;
+        let chunks = encoder.header().chunks();
+        if spec.shape.layers > MAX_LAYERS || chunks > MAX_CHUNKS {
+            return Err(TransportError::Invalid(format!(
+                "{} layers of {chunks} chunks: a session names at most {MAX_LAYERS} layers and {MAX_CHUNKS} chunks (raise --chunk-tokens)",
+                spec.shape.layers
+            )));
+        }
+        let mut header = Vec::new();
+        encoder.write_header(&mut header);
+        let header_len = header.len();
+        conn.send_msg(&SessionMsg::Begin { header }.to_bytes())?;
+        let started = Instant::now();
+        let deadline = started + opts.timeout;
+        let (region, slot_size, slots) = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match conn.poll(left)? {
+                Some(Event::Message(m)) => match SessionMsg::from_bytes(&m)? {
+                    SessionMsg::Ready {
+                        region,
+                        slot_size,
+                        slots,
+                    } => break (region, slot_size, slots),
+                    SessionMsg::Abort { reason } => {
+                        return Err(TransportError::RemoteAbort(reason))
+                    }
+                    other => {
+                        return Err(TransportError::Protocol(format!(
+                            "expected Ready, got {other:?}"
+                        )));
+                    }
+                },
+                Some(other) => {
+                    return Err(TransportError::Protocol(format!(
+                        "unexpected event before Ready: {other:?}"
+                    )));
+                }
+                None => {
+                    return Err(TransportError::Timeout(
+                        opts.timeout,
+                        "the receiver to accept the transfer",
+                    ))
+                }
+            }
+        };
+        tracing::debug!(region, slot_size, slots, "receiver ready");
+        Ok(Self {
+            conn,
+            encoder,
+            opts: opts.clone(),
+            region: RegionId(region),
+            slot_size,
+            pool: Mutex::new(Pool {
+                free_slots: VecDeque::new(),
+                buffers: Vec::new(),
+                outstanding: 0,
+                error: None,
+            }),
+            changed: Condvar::new(),
+            started,
+            blocks: 0,
+            wire_bytes: AtomicUsize::new(header_len),
+            next_wr: AtomicUsize::new(0),
+        })
+    }
+
+    /// The codec header of the transfer.
+    pub const fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, e: TransportError) {
+        let mut p = self.lock();
+        if p.error.is_none() {
+            p.error = Some(e);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until `ready` says the pool has what a worker needs, then lets `take` take it.
+    fn wait_for<T>(
+        &self,
+        what: &'static str,
+        mut take: impl FnMut(&mut Pool) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + self.opts.timeout;
+        let mut p = self.lock();
+        loop {
+            if let Some(e) = &p.error {
+                return Err(TransportError::Invalid(format!("transfer failed: {e}")));
+            }
+            if let Some(t) = take(&mut p) {
+                return Ok(t);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::Timeout(self.opts.timeout, what));
+            }
+            p = self
+                .changed
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Handles one connection event on the calling thread.
+    fn on_event(&self, ev: Event) -> Result<()> {
+        match ev {
+            Event::WriteDone { buf, .. } => {
+                let mut p = self.lock();
+                p.outstanding -= 1;
+                if let SendBuf::Bytes(v) = buf {
+                    p.buffers.push(v);
+                }
+                self.changed.notify_all();
+                Ok(())
+            }
+            Event::Message(m) => match SessionMsg::from_bytes(&m)? {
+                SessionMsg::Grant { slots } => {
+                    let mut p = self.lock();
+                    p.free_slots.extend(slots);
+                    self.changed.notify_all();
+                    Ok(())
+                }
+                SessionMsg::Abort { reason } => Err(TransportError::RemoteAbort(reason)),
+                other => Err(TransportError::Protocol(format!(
+                    "unexpected {other:?} mid-transfer"
+                ))),
+            },
+            other => Err(TransportError::Protocol(format!(
+                "unexpected event mid-transfer: {other:?}"
+            ))),
+        }
+    }
+
+    /// Encodes and writes `blocks` ((layer, chunk) pairs), `encode` filling a buffer per
+    /// block; returns when every block is posted.
+    fn pump(
+        &mut self,
+        blocks: &[(usize, usize)],
+        encode: &(dyn Fn(usize, usize, &mut Vec<u8>) -> kvwire_codec::Result<()> + Sync),
+    ) -> Result<()> {
+        let threads = match self.opts.threads {
+            0 => thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+        .min(blocks.len().max(1));
+        let next = AtomicUsize::new(0);
+        let running = AtomicUsize::new(threads);
+        let this = &*self;
+        let worker = || -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(layer, chunk)) = blocks.get(i) else {
+                    return Ok(());
+                };
+                let cap = this.opts.buffers.max(1);
+                let mut buf =
+                    this.wait_for("a free send buffer (writes are not completing)", |p| {
+                        (p.outstanding < cap).then(|| {
+                            p.outstanding += 1;
+                            p.buffers.pop().unwrap_or_default()
+                        })
+                    })?;
+                buf.clear();
+                encode(layer, chunk, &mut buf)?;
+                if buf.len() as u64 > this.slot_size {
+                    return Err(TransportError::Invalid(format!(
+                        "block (layer {layer}, chunk {chunk}) is {} bytes, the receiver's slots hold {} (use smaller chunks)",
+                        buf.len(),
+                        this.slot_size
+                    )));
+                }
+                let slot = this
+                    .wait_for("a free receive slot (the receiver stopped granting)", |p| {
+                        p.free_slots.pop_front()
+                    })?;
+                let imm = BlockImm {
+                    slot,
+                    layer: layer as u32,
+                    chunk: chunk as u32,
+                };
+                this.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
+                let wr = this.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
+                this.conn.post_write(
+                    SendBuf::Bytes(buf),
+                    this.region,
+                    u64::from(slot) * this.slot_size,
+                    Some(imm.pack()),
+                    wr,
+                )?;
+            }
+        };
+        let result = thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    if let Err(e) = worker() {
+                        this.fail(e);
+                    }
+                    running.fetch_sub(1, Ordering::AcqRel);
+                    this.changed.notify_all();
+                });
+            }
+            // This thread serves completions and grants until the workers are done.
+            while running.load(Ordering::Acquire) > 0 {
+                match this.conn.poll(Duration::from_millis(20)) {
+                    Ok(Some(ev)) => {
+                        if let Err(e) = this.on_event(ev) {
+                            this.fail(e);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => this.fail(e),
+                }
+            }
+            this.lock().error.take()
+        });
+        self.blocks += blocks.len();
+        match result {
+            Some(e) => {
+                let _ = self.conn.send_msg(
+                    &SessionMsg::Abort {
+                        reason: e.to_string(),
+                    }
+                    .to_bytes(),
+                );
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Encodes and sends every chunk of layer `layer`, given as a one-layer view; returns
+    /// once they are posted (the wire and the receiver keep working while the caller
+    /// produces the next layer).
+    ///
+    /// # Errors
+    /// As [`Self::begin`], plus codec errors for the view.
+    pub fn push_layer(&mut self, layer: usize, layer_view: &KvView<'_>) -> Result<()> {
+        let chunks = self.encoder.header().chunks();
+        let blocks: Vec<(usize, usize)> = (0..chunks).map(|c| (layer, c)).collect();
+        let enc = self.encoder.clone();
+        self.pump(&blocks, &|l, c, out| {
+            enc.encode_layer_block(layer_view, l, c, out)
+        })
+    }
+
+    /// Encodes and sends every block of a whole cache, layer-major, several blocks in
+    /// flight at once.
+    ///
+    /// # Errors
+    /// As [`Self::push_layer`].
+    pub fn push_all(&mut self, view: &KvView<'_>) -> Result<()> {
+        let chunks = self.encoder.header().chunks();
+        let blocks: Vec<(usize, usize)> = (0..view.spec().shape.layers)
+            .flat_map(|l| (0..chunks).map(move |c| (l, c)))
+            .collect();
+        let enc = self.encoder.clone();
+        self.pump(&blocks, &|l, c, out| enc.encode_block(view, l, c, out))
+    }
+
+    /// Waits for the receiver to report every block decoded.
+    ///
+    /// # Errors
+    /// The receiver aborted (a block failed its CRC, ...), went silent past the timeout,
+    /// counted a different number of blocks, or the connection failed.
+    pub fn finish(self) -> Result<SendStats> {
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = self.conn.poll(left)?.ok_or(TransportError::Timeout(
+                self.opts.timeout,
+                "the receiver to confirm the transfer",
+            ))?;
+            match ev {
+                Event::Message(m) => match SessionMsg::from_bytes(&m)? {
+                    SessionMsg::Complete { blocks, decode_ns } => {
+                        if blocks as usize != self.blocks {
+                            return Err(TransportError::Protocol(format!(
+                                "receiver confirmed {blocks} blocks, {} were sent",
+                                self.blocks
+                            )));
+                        }
+                        let spec = self.encoder.header().spec;
+                        return Ok(SendStats {
+                            blocks: self.blocks,
+                            wire_bytes: self.wire_bytes.load(Ordering::Relaxed) as u64,
+                            input_bytes: spec.byte_len() as u64,
+                            elapsed: self.started.elapsed(),
+                            receiver_decode: Duration::from_nanos(decode_ns),
+                        });
+                    }
+                    SessionMsg::Grant { .. } => {}
+                    SessionMsg::Abort { reason } => {
+                        return Err(TransportError::RemoteAbort(reason))
+                    }
+                    other => {
+                        return Err(TransportError::Protocol(format!(
+                            "unexpected {other:?} at the end"
+                        )));
+                    }
+                },
+                Event::WriteDone { .. } => {}
+                other => {
+                    return Err(TransportError::Protocol(format!(
+                        "unexpected event at the end: {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Sends a whole cache: `begin`, every block, `finish`.
+///
+/// # Errors
+/// As [`KvSender::begin`], [`KvSender::push_all`] and [`KvSender::finish`].
+pub fn send_kv(conn: &Connection, view: &KvView<'_>, opts: &SendOptions) -> Result<SendStats> {
+    let mut s = KvSender::begin(conn, *view.spec(), opts)?;
+    s.push_all(view)?;
+    s.finish()
+}
