@@ -205,3 +205,35 @@ fn output_is_independent_of_thread_count() {
         assert!(x == y, "decode differs between 1 and 4 threads");
     }
 }
+
+#[test]
+fn chunk_decoding_then_placing_equals_decoding_into_the_layer() {
+    use kvwire_codec::{Decoder, Encoder, Layout};
+    for layout in [Layout::Hf, Layout::Vllm] {
+        let kv = kvwire_tests::fixture_head(2).view().to_layout(layout);
+        for level in Level::ALL {
+            let mut o = EncodeOptions::level(level);
+            o.chunk_tokens = 96; // 256 tokens: chunks of 96, 96 and 64
+            let enc = Encoder::new(*kv.spec(), &o).unwrap();
+            let mut header = Vec::new();
+            enc.write_header(&mut header);
+            let (dec, _) = Decoder::new(&header).unwrap();
+            let lspec = dec.layer_spec();
+            for layer in 0..2 {
+                let mut whole = vec![0u8; lspec.byte_len()];
+                let mut placed = vec![0u8; lspec.byte_len()];
+                for chunk in 0..3 {
+                    let mut block = Vec::new();
+                    enc.encode_block(&kv.view(), layer, chunk, &mut block)
+                        .unwrap();
+                    dec.decode_block(&block, &mut whole).unwrap();
+                    let mut cbuf = vec![0u8; dec.chunk_spec(chunk).byte_len()];
+                    let info = dec.decode_block_chunk(&block, &mut cbuf).unwrap();
+                    assert_eq!((info.layer, info.chunk), (layer, chunk));
+                    dec.place_chunk(&info, &cbuf, &mut placed).unwrap();
+                }
+                assert!(whole == placed, "{layout:?} {level:?} layer {layer}");
+            }
+        }
+    }
+}

@@ -2,7 +2,8 @@
 # shaped-link.sh: a rate-shaped point-to-point link between two network
 # namespaces, for the transport tests and benchmarks.  See README.md here.
 #
-#   shaped-link.sh up   [--name PREFIX] [--rate RATE] [--delay MS] [--burst BYTES] [--limit BYTES]
+#   shaped-link.sh up   [--name PREFIX] [--rate RATE] [--delay MS]
+#                       [--burst BYTES] [--limit BYTES] [--gso-segs N]
 #   shaped-link.sh down [--name PREFIX]
 #   shaped-link.sh exec a|b [--name PREFIX] -- CMD [ARG...]
 #   shaped-link.sh check [--delay MS]
@@ -12,8 +13,8 @@
 # `check` exits 0 when the harness can run here, else 77 (the automake/ctest
 # "skipped" code) with one line on stderr saying why.
 #
-# Needs root (CAP_NET_ADMIN + CAP_SYS_ADMIN), iproute2 (ip, tc), and a kernel
-# with veth and sch_tbf (sch_netem for --delay).  ethtool is used if present.
+# Needs root (CAP_NET_ADMIN + CAP_SYS_ADMIN), iproute2 (ip, tc), coreutils, awk,
+# and a kernel with veth and sch_tbf (sch_netem for --delay).
 
 set -euo pipefail
 
@@ -22,24 +23,21 @@ readonly ADDR_A=192.0.2.1   # RFC 5737 TEST-NET-1: never routed anywhere
 readonly ADDR_B=192.0.2.2
 readonly PLEN=24
 
-# Wire overhead per Ethernet frame that the qdisc does not see: preamble + SFD
-# (8) + FCS (4) + inter-frame gap (12).  Counting it makes "1gbit" mean a real
-# gigabit Ethernet line, so TCP goodput lands where it does on real hardware
-# (1448 / (1514 + 24) of the rate = 941 Mbit/s at MTU 1500), not ~956.
-readonly WIRE_OVERHEAD=24
-
 die()  { echo "$PROG: error: $*" >&2; exit 1; }
 warn() { echo "$PROG: warning: $*" >&2; }
 
 usage() {
     cat >&2 <<'EOF'
-usage: shaped-link.sh up   [--name PREFIX] [--rate RATE] [--delay MS] [--burst BYTES] [--limit BYTES]
+usage: shaped-link.sh up   [--name PREFIX] [--rate RATE] [--delay MS]
+                           [--burst BYTES] [--limit BYTES] [--gso-segs N]
        shaped-link.sh down [--name PREFIX]
        shaped-link.sh exec a|b [--name PREFIX] -- CMD [ARG...]
        shaped-link.sh check [--delay MS]
 RATE: <number><bit|kbit|mbit|gbit|tbit> (SI, as tc), default 1gbit.
 MS:   one-way delay in milliseconds added in each direction (RTT grows by 2*MS).
 PREFIX: [A-Za-z0-9][A-Za-z0-9_.-]*, at most 40 characters, default "kvwire".
+BYTES: tbf bucket and bucket+queue sizes (default rate/250 and that + 5 ms).
+N:    most MTU-sized segments per packet the qdisc sees (default 8; 1 = no GSO).
 EOF
     exit 2
 }
@@ -51,6 +49,7 @@ RATE=1gbit
 DELAY_MS=
 BURST=
 LIMIT=
+GSO_SEGS=8
 
 need_val() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
 
@@ -106,7 +105,7 @@ ns_exists() {
 # server, say): a namespace lives on, with its addresses, while a process is in it.
 kill_ns_pids() {
     local ns=$1 pids i
-    pids=$(ip netns pids "$ns" 2>/dev/null | grep -v -x "$$" || true)
+    pids=$(ip netns pids "$ns" 2>/dev/null || true)
     [[ -n $pids ]] || return 0
     # shellcheck disable=SC2086
     kill -TERM $pids 2>/dev/null || true
@@ -144,6 +143,50 @@ do_down() {
 
 # ---------------------------------------------------------------- up
 
+# Receive steering.  A veth without XDP delivers with netif_rx() to the
+# backlog of whichever CPU transmits, and behind a qdisc that CPU changes:
+# the sender's when tbf has tokens, the timer's when it had to wait.  Two CPUs'
+# backlogs then run in either order and the receiver sees reordering, which
+# costs TCP spurious retransmits and throughput (measured: out-of-order
+# segments and retransmits on a loaded 2-vCPU VM).  RPS hashes each flow to
+# one CPU, so a flow's packets always share one backlog and stay in order, as
+# on a real wire.
+rps_mask() {
+    # All CPUs 0..n-1 in the kernel's format: hex, comma every 32 bits.
+    local n out="" w
+    n=$(nproc --all 2>/dev/null || echo 1)
+    while ((n > 0)); do
+        if ((n >= 32)); then w=ffffffff; n=$((n - 32))
+        else w=$(printf '%x' $(( (1 << n) - 1 ))); n=0; fi
+        out=$w${out:+,$out}
+    done
+    echo "$out"    # only the leftmost (highest) group can be short
+}
+
+set_rps() {
+    local ns=$1 dev=$2 mask
+    mask=$(rps_mask)
+    # shellcheck disable=SC2016  # $1 and $2 are the inner shell's
+    ip netns exec "$ns" sh -c '
+        for q in /sys/class/net/"$1"/queues/rx-*; do
+            echo "$2" 2>/dev/null > "$q/rps_cpus" || echo 1 > "$q/rps_cpus"
+        done' sh "$dev" "$mask" >&2 \
+        || warn "could not set RPS on $dev in $ns; packets may be reordered under CPU load"
+}
+
+# Wait until the link reports carrier on this end (veth turns it on once both
+# ends are up; link state reaches user space a moment later).
+wait_up() {
+    local ns=$1 dev=$2 i
+    for ((i = 0; i < 100; i++)); do
+        if [[ $(ip -n "$ns" -o link show dev "$dev" 2>/dev/null) == *"state UP"* ]]; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    die "$dev in $ns did not come up within 5 s"
+}
+
 UP_OK=0
 up_exit_trap() {
     local rc=$?
@@ -160,15 +203,21 @@ shape() {
     local ns=$1 dev=$2
     # tbf parameters, all in bytes:
     #  burst: the bucket size.  Rule of thumb for tbf: at least rate/HZ, the
-    #    bytes one timer tick's worth of rate; smaller and the timer can't
-    #    refill the bucket fast enough and the link runs below its rate.  We
-    #    assume HZ=250 (Debian kernels): 500000 B at 1gbit, 4 ms of line rate.
-    #    Floor of 16 full frames so slow rates still pass back-to-back frames.
+    #    bytes of one timer tick at the rate; smaller, and a late or coarse
+    #    timer leaves the link idle with packets queued, below its rate.  We
+    #    assume HZ=250 (Debian's kernels): 500000 B at 1gbit, 4 ms of rate.
+    #    Modern tbf uses hrtimers, so this is a safe margin for a loaded
+    #    machine rather than a hard need.  It must also exceed the largest
+    #    packet (--gso-segs frames), or tbf re-segments it in software; see
+    #    min_burst in do_up for the floor at low rates.
     #  limit: bucket + queue; the queue holds 5 ms at the rate (625000 B at
-    #    1gbit) -- enough to absorb a TCP window's bursts without drops that
-    #    cost throughput, short enough to keep RTT under load realistic.
-    #  overhead: see WIRE_OVERHEAD.
-    local tbf=(tbf rate "${BPS}bit" burst "$BURST_B" limit "$LIMIT_B" overhead "$WIRE_OVERHEAD")
+    #    1gbit): enough to absorb a TCP window's bursts without drops that cost
+    #    throughput, short enough to keep the RTT under load realistic.
+    # The rate counts Ethernet frame bytes (header + payload, per segment of a
+    # GSO packet); preamble, FCS and inter-frame gap are not counted, so TCP
+    # goodput at MTU 1500 tops out at 1448/1514 of the rate (956 Mbit/s at
+    # 1gbit; real gigabit Ethernet gives 941).
+    local tbf=(tbf rate "${BPS}bit" burst "$BURST_B" limit "$LIMIT_B")
     if [[ -n $DELAY_MS ]]; then
         # netem first (root, handle 1:) then tbf as its child: packets wait
         # DELAY_MS in netem, then queue in tbf for the rate.  netem's limit is in
@@ -190,9 +239,18 @@ shape() {
 
 do_up() {
     BPS=$(rate_bps "$RATE")
-    BURST_B=${BURST:-$(( BPS / 8 / 250 ))}
-    ((BURST_B >= 16 * 1514)) || BURST_B=$((16 * 1514))
-    LIMIT_B=${LIMIT:-$(( BURST_B + BPS / 8 * 5 / 1000 ))}
+    # Smallest sane bucket: 16 full frames, and more than the largest packet
+    # (a GSO packet is at most 64 KiB, about 44 frames).
+    local segs=$((GSO_SEGS < 44 ? GSO_SEGS : 44))
+    local min_burst=$(( (segs < 16 ? 16 : segs + 1) * 1514 ))
+    if [[ -n $BURST ]]; then
+        BURST_B=$BURST
+        ((BURST_B >= min_burst)) || die "--burst must be at least $min_burst bytes with --gso-segs $GSO_SEGS"
+    else
+        BURST_B=$(( BPS / 8 / 250 ))
+        ((BURST_B >= min_burst)) || BURST_B=$min_burst
+    fi
+    LIMIT_B=${LIMIT:-$(( BURST_B + BPS * 5 / 8000 ))}
     ((LIMIT_B >= BURST_B)) || die "--limit ($LIMIT_B) must be at least the burst ($BURST_B)"
     if [[ -n $DELAY_MS ]] && awk -v d="$DELAY_MS" 'BEGIN { exit !(d == 0) }'; then
         DELAY_MS=
@@ -208,27 +266,34 @@ do_up() {
     ip netns add "$NS_A" >&2 || die "cannot create network namespace $NS_A"
     ip netns add "$NS_B" >&2 || die "cannot create network namespace $NS_B"
     # Create each end directly inside its namespace: the root namespace never
-    # holds them.  gso_max_segs 1 makes the stack hand the qdisc MTU-sized
-    # packets even without ethtool (a 64 KiB GSO super-packet would leave tbf
-    # as one burst); GRO is off by default on veth.
-    ip link add "$IF_A" netns "$NS_A" gso_max_segs 1 type veth \
-        peer name "$IF_B" netns "$NS_B" gso_max_segs 1 >&2 \
+    # holds them.
+    #
+    # Offloads: with GSO/TSO, TCP hands the qdisc up to 64 KiB (44 frames) in
+    # one packet, which tbf meters and sends as one burst.  Turning them off
+    # (ethtool -K gso off tso off) makes every frame a packet, but a veth pair
+    # then costs a full trip through the stack per 1514 bytes: on a 2-vCPU VM
+    # that measured 525 Mbit/s unshaped, short of the 1 Gbit/s to emulate.
+    # So cap the GSO size instead: gso_max_segs (iproute2 alone, no ethtool,
+    # so the link is the same wherever it runs) limits each packet to N frames
+    # -- at the default 8, 12 KB or 97 us at 1gbit, far finer than anything
+    # the transport measures.  GRO is off on veth unless XDP is attached.
+    ip link add "$IF_A" netns "$NS_A" gso_max_segs "$GSO_SEGS" type veth \
+        peer name "$IF_B" netns "$NS_B" gso_max_segs "$GSO_SEGS" >&2 \
         || die "cannot create veth pair $IF_A/$IF_B"
 
-    local ns dev addr
+    local side ns dev addr
     for side in a b; do
         if [[ $side == a ]]; then ns=$NS_A dev=$IF_A addr=$ADDR_A
         else ns=$NS_B dev=$IF_B addr=$ADDR_B; fi
         ip -n "$ns" link set dev lo up >&2
         ip -n "$ns" addr add "$addr/$PLEN" dev "$dev" >&2
-        if command -v ethtool >/dev/null 2>&1; then
-            # Offloads make tbf shaping bursty (it meters 64 KiB at a time).
-            ip netns exec "$ns" ethtool -K "$dev" tso off gso off gro off >/dev/null 2>&1 \
-                || warn "ethtool could not turn offloads off on $dev in $ns"
-        fi
+        set_rps "$ns" "$dev"
         shape "$ns" "$dev"
         ip -n "$ns" link set dev "$dev" up >&2
     done
+
+    wait_up "$NS_A" "$IF_A"
+    wait_up "$NS_B" "$IF_B"
 
     UP_OK=1
     trap - EXIT INT TERM
@@ -251,6 +316,7 @@ do_check() {
     command -v ip >/dev/null 2>&1 || skip "'ip' (iproute2) not found"
     command -v tc >/dev/null 2>&1 || skip "'tc' (iproute2) not found"
     command -v sha256sum >/dev/null 2>&1 || skip "'sha256sum' (coreutils) not found"
+    command -v awk >/dev/null 2>&1 || skip "'awk' not found"
 
     CHECK_NS=kvwire-check-$$-$RANDOM
     trap check_cleanup EXIT
@@ -293,6 +359,12 @@ case $cmd in
                 --delay) need_val "$@"; check_delay "$2"; DELAY_MS=$2; shift 2 ;;
                 --burst) need_val "$@"; check_bytes "$1" "$2"; BURST=$2; shift 2 ;;
                 --limit) need_val "$@"; check_bytes "$1" "$2"; LIMIT=$2; shift 2 ;;
+                --gso-segs)
+                    need_val "$@"
+                    if ! [[ $2 =~ ^[1-9][0-9]{0,4}$ ]] || (($2 > 65535)); then
+                        die "bad --gso-segs '$2' (1..65535)"
+                    fi
+                    GSO_SEGS=$2; shift 2 ;;
                 *) usage ;;
             esac
         done

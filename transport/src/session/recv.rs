@@ -114,6 +114,8 @@ struct Shared {
     /// Slots the decoders freed (and already granted to the sender), for the driver's
     /// bookkeeping of which slots may be written.
     regrant: Mutex<Vec<u16>>,
+    /// Signalled by the decoder that finishes the last block.
+    all_decoded: Mutex<Sender<()>>,
 }
 
 impl Shared {
@@ -137,6 +139,7 @@ impl Shared {
 
 /// One KV transfer being received.
 pub struct KvReceiver {
+    driver: Option<thread::JoinHandle<()>>,
     shared: Arc<Shared>,
     rx: Receiver<Result<(usize, Vec<u8>)>>,
     done: BTreeMap<usize, Vec<u8>>,
@@ -204,6 +207,7 @@ impl KvReceiver {
         let chunks = decoder.header().chunks();
         let total = spec.shape.layers * chunks;
         let (tx, rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             conn: conn.clone(),
             decoder,
@@ -216,6 +220,7 @@ impl KvReceiver {
             out: Mutex::new(tx),
             first_block: Mutex::new(None),
             regrant: Mutex::new(Vec::new()),
+            all_decoded: Mutex::new(done_tx),
         });
         conn.send_msg(
             &SessionMsg::Ready {
@@ -246,11 +251,12 @@ impl KvReceiver {
         }
         let sh = shared.clone();
         let timeout = opts.timeout;
-        thread::Builder::new()
+        let driver = thread::Builder::new()
             .name("kvwire-recv".into())
-            .spawn(move || drive(&sh, &job_tx, timeout))
+            .spawn(move || drive(&sh, &job_tx, &done_rx, timeout))
             .map_err(|e| TransportError::io("spawning the receive driver", e))?;
         Ok(Self {
+            driver: Some(driver),
             shared,
             rx,
             done: BTreeMap::new(),
@@ -279,6 +285,11 @@ impl KvReceiver {
     pub fn next_layer(&mut self) -> Result<Option<(usize, Vec<u8>)>> {
         let layers = self.shared.layers.len();
         if self.next >= layers {
+            // The driver confirms the transfer and stops reading the connection; after
+            // this, the connection is free for the next transfer.
+            if let Some(d) = self.driver.take() {
+                let _ = d.join();
+            }
             return Ok(None);
         }
         loop {
@@ -332,8 +343,13 @@ impl KvReceiver {
 
 impl Drop for KvReceiver {
     fn drop(&mut self) {
-        // Stops the driver and decoders if the caller gave up early.
-        self.shared.failed.store(true, Ordering::Release);
+        if self.driver.is_some() && self.next < self.shared.layers.len() {
+            // The caller gave up early: stop the driver and the decoders.
+            self.shared.failed.store(true, Ordering::Release);
+        }
+        if let Some(d) = self.driver.take() {
+            let _ = d.join();
+        }
     }
 }
 
@@ -347,12 +363,40 @@ fn refuse(conn: &Connection, e: TransportError) -> TransportError {
     e
 }
 
-/// Polls the connection, checks each notification against the slots, and queues decodes.
-fn drive(sh: &Shared, jobs: &Sender<Notification>, timeout: Duration) {
+/// Polls the connection, checks each notification against the slots, and queues decodes;
+/// once every block has landed it stops reading the connection, waits for the decoders and
+/// confirms the transfer (so nothing of a next transfer is read by this one).
+fn drive(sh: &Shared, jobs: &Sender<Notification>, all_decoded: &Receiver<()>, timeout: Duration) {
     let mut granted = vec![true; usize::from(sh.slots.slots)];
     let mut last_activity = Instant::now();
+    let mut landed = 0usize;
     loop {
-        if sh.failed.load(Ordering::Acquire) || sh.decoded.load(Ordering::Acquire) >= sh.total {
+        if sh.failed.load(Ordering::Acquire) {
+            return;
+        }
+        if landed == sh.total {
+            match all_decoded.recv_timeout(timeout) {
+                Ok(()) => {
+                    let since = sh
+                        .first_block
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .unwrap_or_else(Instant::now);
+                    let done = SessionMsg::Complete {
+                        blocks: sh.total as u32,
+                        decode_ns: since.elapsed().as_nanos() as u64,
+                    };
+                    if let Err(e) = sh.conn.send_msg(&done.to_bytes()) {
+                        sh.fail(e);
+                    }
+                }
+                // A decoder failed (it reported that itself) or hung.
+                Err(_) => {
+                    if !sh.failed.load(Ordering::Acquire) {
+                        sh.fail(TransportError::Timeout(timeout, "the decoders to finish"));
+                    }
+                }
+            }
             return;
         }
         match sh.conn.poll(Duration::from_millis(20)) {
@@ -362,6 +406,7 @@ fn drive(sh: &Shared, jobs: &Sender<Notification>, timeout: Duration) {
                     sh.fail(e);
                     return;
                 }
+                landed += 1;
                 let _ = jobs.send(n);
             }
             Ok(Some(Event::Message(m))) => match SessionMsg::from_bytes(&m) {
@@ -466,7 +511,21 @@ fn decode_loop(sh: &Shared, jobs: &Mutex<Receiver<Notification>>) {
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        if let Err(e) = decode_one(sh, &n, &mut block, &mut chunk_buf) {
+        // A panic here would be a bug; it still must fail the transfer, not hang it.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode_one(sh, &n, &mut block, &mut chunk_buf)
+        }))
+        .unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_default();
+            Err(TransportError::Protocol(format!(
+                "decoder panicked: {what}"
+            )))
+        });
+        if let Err(e) = r {
             sh.fail(e);
             return;
         }
@@ -551,23 +610,16 @@ fn decode_one(
             None
         }
     };
+    let done = sh.decoded.fetch_add(1, Ordering::AcqRel) + 1;
     if let Some(buf) = finished {
         sh.emit(Ok((layer, buf)));
     }
-    let done = sh.decoded.fetch_add(1, Ordering::AcqRel) + 1;
     if done == sh.total {
-        let since = sh
-            .first_block
+        let _ = sh
+            .all_decoded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or_else(Instant::now);
-        sh.conn.send_msg(
-            &SessionMsg::Complete {
-                blocks: done as u32,
-                decode_ns: since.elapsed().as_nanos() as u64,
-            }
-            .to_bytes(),
-        )?;
+            .send(());
     }
     Ok(())
 }

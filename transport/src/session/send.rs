@@ -61,6 +61,8 @@ struct Pool {
     buffers: Vec<Vec<u8>>,
     outstanding: usize,
     error: Option<TransportError>,
+    /// The receiver's `Complete`, if it came while blocks were still being posted.
+    complete: Option<(u32, u64)>,
 }
 
 /// One KV transfer being sent; layers may be pushed as a prefill engine produces them.
@@ -118,6 +120,8 @@ impl<'c> KvSender<'c> {
                         )));
                     }
                 },
+                // An acknowledgement of the previous transfer on this connection.
+                Some(Event::WriteDone { .. }) => {}
                 Some(other) => {
                     return Err(TransportError::Protocol(format!(
                         "unexpected event before Ready: {other:?}"
@@ -143,6 +147,7 @@ impl<'c> KvSender<'c> {
                 buffers: Vec::new(),
                 outstanding: 0,
                 error: None,
+                complete: None,
             }),
             changed: Condvar::new(),
             started,
@@ -213,6 +218,10 @@ impl<'c> KvSender<'c> {
                     let mut p = self.lock();
                     p.free_slots.extend(slots);
                     self.changed.notify_all();
+                    Ok(())
+                }
+                SessionMsg::Complete { blocks, decode_ns } => {
+                    self.lock().complete = Some((blocks, decode_ns));
                     Ok(())
                 }
                 SessionMsg::Abort { reason } => Err(TransportError::RemoteAbort(reason)),
@@ -358,47 +367,56 @@ impl<'c> KvSender<'c> {
     /// The receiver aborted (a block failed its CRC, ...), went silent past the timeout,
     /// counted a different number of blocks, or the connection failed.
     pub fn finish(self) -> Result<SendStats> {
-        let deadline = Instant::now() + self.opts.timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ev = self.conn.poll(left)?.ok_or(TransportError::Timeout(
-                self.opts.timeout,
-                "the receiver to confirm the transfer",
-            ))?;
-            match ev {
-                Event::Message(m) => match SessionMsg::from_bytes(&m)? {
-                    SessionMsg::Complete { blocks, decode_ns } => {
-                        if blocks as usize != self.blocks {
-                            return Err(TransportError::Protocol(format!(
-                                "receiver confirmed {blocks} blocks, {} were sent",
-                                self.blocks
-                            )));
-                        }
-                        let spec = self.encoder.header().spec;
-                        return Ok(SendStats {
-                            blocks: self.blocks,
-                            wire_bytes: self.wire_bytes.load(Ordering::Relaxed) as u64,
-                            input_bytes: spec.byte_len() as u64,
-                            elapsed: self.started.elapsed(),
-                            receiver_decode: Duration::from_nanos(decode_ns),
-                        });
-                    }
-                    SessionMsg::Grant { .. } => {}
-                    SessionMsg::Abort { reason } => {
-                        return Err(TransportError::RemoteAbort(reason))
-                    }
-                    other => {
-                        return Err(TransportError::Protocol(format!(
-                            "unexpected {other:?} at the end"
-                        )));
-                    }
-                },
-                Event::WriteDone { .. } => {}
-                other => {
-                    return Err(TransportError::Protocol(format!(
-                        "unexpected event at the end: {other:?}"
-                    )))
+        let total = self.encoder.header().spec.shape.layers * self.encoder.header().chunks();
+        if self.blocks != total {
+            let e =
+                TransportError::Invalid(format!("finish after {} of {total} blocks", self.blocks));
+            let _ = self.conn.send_msg(
+                &SessionMsg::Abort {
+                    reason: e.to_string(),
                 }
+                .to_bytes(),
+            );
+            return Err(e);
+        }
+        let deadline = Instant::now() + self.opts.timeout;
+        // Done when the receiver confirmed and every write completed (an acknowledgement
+        // may trail the confirmation on another stream; none may leak into the next transfer).
+        loop {
+            let (complete, outstanding) = {
+                let p = self.lock();
+                (p.complete, p.outstanding)
+            };
+            if let (Some((blocks, decode_ns)), 0) = (complete, outstanding) {
+                if blocks as usize != self.blocks {
+                    return Err(TransportError::Protocol(format!(
+                        "receiver confirmed {blocks} blocks, {} were sent",
+                        self.blocks
+                    )));
+                }
+                return Ok(SendStats {
+                    blocks: self.blocks,
+                    wire_bytes: self.wire_bytes.load(Ordering::Relaxed) as u64,
+                    input_bytes: self.encoder.header().spec.byte_len() as u64,
+                    elapsed: self.started.elapsed(),
+                    receiver_decode: Duration::from_nanos(decode_ns),
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.conn.poll(left) {
+                Ok(Some(ev)) => self.on_event(ev)?,
+                Ok(None) => {
+                    return Err(TransportError::Timeout(
+                        self.opts.timeout,
+                        "the receiver to confirm the transfer",
+                    ))
+                }
+                // The receiver confirmed and then closed before every acknowledgement came
+                // back: the confirmation already says every block landed and decoded.
+                Err(_) if complete.is_some() => {
+                    self.lock().outstanding = 0;
+                }
+                Err(e) => return Err(e),
             }
         }
     }

@@ -239,7 +239,7 @@ fn serve(ep: &Endpoint, s: TcpStream, tx: &Sender<Result<Connection>>, joins: &J
         set_timeouts(&s, cfg.timeout)?;
         let (h, p) = read_frame(&s, "the first frame of a peer")?;
         if h.kind == FrameKind::Join {
-            join(&s, &h, &p, joins)?;
+            join(&s, &h, &p, joins, cfg.timeout)?;
             return Ok(None);
         }
         let ticket = random16()?;
@@ -317,12 +317,13 @@ fn lock(j: &JoinTable) -> std::sync::MutexGuard<'_, HashMap<[u8; TICKET_LEN], Jo
     j.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn join(s: &TcpStream, h: &FrameHeader, p: &[u8], joins: &JoinTable) -> Result<()> {
-    let mut j = lock(joins);
-    let slot = j
-        .iter_mut()
-        .find(|(t, _)| constant_time_eq(&t[..], p))
-        .map(|(_, c)| c);
+fn join(
+    s: &TcpStream,
+    h: &FrameHeader,
+    p: &[u8],
+    joins: &JoinTable,
+    timeout: Duration,
+) -> Result<()> {
     let refuse = |why: &str| {
         let _ = (&*s).write_all(&frame(
             FrameKind::Close,
@@ -331,17 +332,32 @@ fn join(s: &TcpStream, h: &FrameHeader, p: &[u8], joins: &JoinTable) -> Result<(
         ));
         TransportError::Auth(why.to_string())
     };
-    let Some(c) = slot else {
-        return Err(refuse("a data stream presented an unknown ticket"));
-    };
-    let idx = h.id as usize;
-    if h.region as usize != c.streams.len()
-        || idx == 0
-        || idx >= c.streams.len()
-        || c.streams[idx].is_some()
-    {
-        return Err(refuse("a data stream joined with a bad index"));
+    // The connector opens its data streams as soon as it holds the ticket, which can be
+    // before the acceptor's handshake thread has filed it: wait for it a little.
+    let deadline = Instant::now() + timeout;
+    loop {
+        {
+            let mut j = lock(joins);
+            let slot = j
+                .iter_mut()
+                .find(|(t, _)| constant_time_eq(&t[..], p))
+                .map(|(_, c)| c);
+            if let Some(c) = slot {
+                let idx = h.id as usize;
+                if h.region as usize != c.streams.len()
+                    || idx == 0
+                    || idx >= c.streams.len()
+                    || c.streams[idx].is_some()
+                {
+                    return Err(refuse("a data stream joined with a bad index"));
+                }
+                c.streams[idx] = Some(s.try_clone().map_err(|e| TransportError::io("dup", e))?);
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(refuse("a data stream presented an unknown ticket"));
+        }
+        thread::sleep(Duration::from_millis(1));
     }
-    c.streams[idx] = Some(s.try_clone().map_err(|e| TransportError::io("dup", e))?);
-    Ok(())
 }
