@@ -1,6 +1,7 @@
 //! `kvwire`: the command-line tool of kvwire.
 //!
 //! * `kvwire codec encode|decode|eval` — the KV-cache codec on `.safetensors` KV files;
+//! * `kvwire send` / `kvwire recv` — ship a KV file between processes (TCP or shared memory);
 //! * `kvwire demo` — the codec on an embedded real KV cache (SmolLM2-135M, 256 tokens).
 //!
 //! Errors end the process with status 1 and one line on stderr; nothing panics on bad input.
@@ -8,6 +9,7 @@
 
 mod codec_cmd;
 mod eval;
+mod wire_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +26,10 @@ enum Cmd {
     /// Encode, decode and evaluate KV files.
     #[command(subcommand)]
     Codec(codec_cmd::CodecCmd),
+    /// Send a KV file to a `kvwire recv` (prints wire bytes, time to last layer decoded, goodput).
+    Send(wire_cmd::SendArgs),
+    /// Receive one KV file from a `kvwire send` and write it.
+    Recv(wire_cmd::RecvArgs),
     /// Evaluate every level on an embedded real KV cache (SmolLM2-135M, 256 tokens).
     Demo(codec_cmd::DemoArgs),
 }
@@ -50,6 +56,8 @@ fn main() {
     };
     let r = match cli.cmd {
         Cmd::Codec(c) => codec_cmd::run(c),
+        Cmd::Send(a) => wire_cmd::send(&a),
+        Cmd::Recv(a) => wire_cmd::recv(&a),
         Cmd::Demo(a) => codec_cmd::demo(a),
     };
     if let Err(e) = r {

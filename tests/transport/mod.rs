@@ -1,6 +1,7 @@
 //! The transport over real loopback sockets and real shared memory: one-sided writes and
 //! reads, the handshake's refusals, hostile frames, and whole KV transfers.
 
+mod faults;
 mod link;
 mod session;
 
