@@ -4,6 +4,7 @@
 mod faults;
 mod link;
 mod session;
+mod shaped;
 
 use std::sync::Arc;
 use std::time::Duration;
