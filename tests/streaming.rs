@@ -210,7 +210,7 @@ fn output_is_independent_of_thread_count() {
 fn chunk_decoding_then_placing_equals_decoding_into_the_layer() {
     use kvwire_codec::{Decoder, Encoder, Layout};
     for layout in [Layout::Hf, Layout::Vllm] {
-        let kv = kvwire_tests::fixture_head(2).view().to_layout(layout);
+        let kv = fixture_head(2).view().to_layout(layout);
         for level in Level::ALL {
             let mut o = EncodeOptions::level(level);
             o.chunk_tokens = 96; // 256 tokens: chunks of 96, 96 and 64

@@ -230,8 +230,7 @@ fn sender_vs_receiver_hit(fabric: FabricKind, hit: &str) -> (TransportError, Dur
         Some(e) => e,
         None => tx
             .finish()
-            .err()
-            .expect("a transfer to a dead receiver cannot complete"),
+            .expect_err("a transfer to a dead receiver cannot complete"),
     };
     let took = hit_at.unwrap().elapsed();
     let _ = Command::new("kill")

@@ -271,12 +271,10 @@ fn try_connect(server: EndpointConfig, client: EndpointConfig) -> (TransportErro
     let l = es.listen("127.0.0.1:0").unwrap();
     let c = ec
         .connect(l.local_addr())
-        .err()
-        .expect("the client must fail");
+        .expect_err("the client must fail");
     let s = l
         .accept(Duration::from_secs(5))
-        .err()
-        .expect("the server must fail");
+        .expect_err("the server must fail");
     (c, s)
 }
 

@@ -259,8 +259,7 @@ fn a_corrupt_block_fails_the_transfer_on_both_sides() {
         let r = KvReceiver::accept(&l.rx, &l.slots, &recv_opts()).unwrap();
         let e = r
             .recv_all()
-            .err()
-            .expect("a corrupt block must fail the receive");
+            .expect_err("a corrupt block must fail the receive");
         assert!(
             matches!(
                 e,
@@ -294,9 +293,7 @@ fn an_oversized_announcement_is_refused_before_allocating() {
             max_kv_bytes: 1000,
             ..recv_opts()
         };
-        let e = KvReceiver::accept(&l.rx, &l.slots, &ro)
-            .err()
-            .expect("refused");
+        let e = KvReceiver::accept(&l.rx, &l.slots, &ro).expect_err("refused");
         assert!(e.to_string().contains("limit is 1000"), "{e}");
         let se = sender.join().unwrap().unwrap_err();
         assert!(matches!(se, TransportError::RemoteAbort(_)), "{se}");
@@ -312,10 +309,7 @@ fn a_block_larger_than_the_slots_is_a_clear_error() {
         let r = KvReceiver::accept(&l.rx, &l.slots, &recv_opts()).unwrap();
         let se = sender.join().unwrap().unwrap_err();
         assert!(se.to_string().contains("slots hold 4096"), "{se}");
-        let re = r
-            .recv_all()
-            .err()
-            .expect("the receiver learns of the abort");
+        let re = r.recv_all().expect_err("the receiver learns of the abort");
         assert!(matches!(re, TransportError::RemoteAbort(_)), "{re}");
     });
 }

@@ -249,10 +249,12 @@ impl Access {
     };
 }
 
+type Entries = HashMap<RegionId, (Arc<Region>, Access)>;
+
 /// The regions an endpoint has registered, shared by its connections.
 #[derive(Debug, Default, Clone)]
 pub struct RegionTable {
-    inner: Arc<RwLock<HashMap<RegionId, (Arc<Region>, Access)>>>,
+    inner: Arc<RwLock<Entries>>,
 }
 
 impl RegionTable {

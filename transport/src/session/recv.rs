@@ -94,6 +94,9 @@ pub struct RecvStats {
     pub elapsed: Duration,
 }
 
+/// A decoded layer (index, bytes) or the error that ended the transfer.
+type LayerResult = Result<(usize, Vec<u8>)>;
+
 struct LayerState {
     buf: Vec<u8>,
     chunks_done: Vec<bool>,
@@ -109,7 +112,7 @@ struct Shared {
     total: usize,
     wire_bytes: AtomicUsize,
     failed: AtomicBool,
-    out: Mutex<Sender<Result<(usize, Vec<u8>)>>>,
+    out: Mutex<Sender<LayerResult>>,
     first_block: Mutex<Option<Instant>>,
     /// Slots the decoders freed (and already granted to the sender), for the driver's
     /// bookkeeping of which slots may be written.
@@ -119,7 +122,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn emit(&self, r: Result<(usize, Vec<u8>)>) {
+    fn emit(&self, r: LayerResult) {
         let tx = self.out.lock().unwrap_or_else(|p| p.into_inner());
         let _ = tx.send(r);
     }
@@ -141,7 +144,7 @@ impl Shared {
 pub struct KvReceiver {
     driver: Option<thread::JoinHandle<()>>,
     shared: Arc<Shared>,
-    rx: Receiver<Result<(usize, Vec<u8>)>>,
+    rx: Receiver<LayerResult>,
     done: BTreeMap<usize, Vec<u8>>,
     next: usize,
     started: Instant,
@@ -169,6 +172,8 @@ impl KvReceiver {
                         )))
                     }
                 },
+                // An acknowledgement of an earlier transfer this side sent on the connection.
+                Some(Event::WriteDone { .. }) => {}
                 Some(other) => {
                     return Err(TransportError::Protocol(format!(
                         "unexpected event before Begin: {other:?}"
@@ -338,6 +343,15 @@ impl KvReceiver {
             wire_bytes: self.shared.wire_bytes.load(Ordering::Acquire) as u64,
             elapsed: self.started.elapsed(),
         }
+    }
+}
+
+impl std::fmt::Debug for KvReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvReceiver")
+            .field("spec", &self.spec())
+            .field("next_layer", &self.next)
+            .finish_non_exhaustive()
     }
 }
 

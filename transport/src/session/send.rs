@@ -56,6 +56,9 @@ pub struct SendStats {
     pub receiver_decode: Duration,
 }
 
+/// Encodes block (layer, chunk) into a buffer.
+type EncodeFn<'a> = dyn Fn(usize, usize, &mut Vec<u8>) -> kvwire_codec::Result<()> + Sync + 'a;
+
 struct Pool {
     free_slots: VecDeque<u16>,
     buffers: Vec<Vec<u8>>,
@@ -237,11 +240,7 @@ impl<'c> KvSender<'c> {
 
     /// Encodes and writes `blocks` ((layer, chunk) pairs), `encode` filling a buffer per
     /// block; returns when every block is posted.
-    fn pump(
-        &mut self,
-        blocks: &[(usize, usize)],
-        encode: &(dyn Fn(usize, usize, &mut Vec<u8>) -> kvwire_codec::Result<()> + Sync),
-    ) -> Result<()> {
+    fn pump(&mut self, blocks: &[(usize, usize)], encode: &EncodeFn<'_>) -> Result<()> {
         let threads = match self.opts.threads {
             0 => thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
