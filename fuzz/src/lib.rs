@@ -1,6 +1,9 @@
-//! Helpers shared by the kvwire-codec fuzz targets and the seed generator.
+//! Helpers shared by the kvwire-codec fuzz targets and the seed generator; the transport
+//! targets' helpers are in [`transport`].
 
 use std::sync::OnceLock;
+
+pub mod transport;
 
 use kvwire_codec::{
     DType, EncodeOptions, Encoder, Header, KvCache, KvShape, KvSpec, Layout, Level,

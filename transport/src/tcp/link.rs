@@ -54,6 +54,9 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     inbound: AtomicUsize,
     sockets: Vec<TcpStream>,
+    /// Held while a frame is written to stream 0, so a close frame sent from another thread
+    /// never lands inside another frame.
+    control_write: Mutex<()>,
     events: Mutex<Sender<Event>>,
     local_events: Mutex<VecDeque<Event>>,
     timeout: Duration,
@@ -78,10 +81,7 @@ impl Shared {
                 return;
             }
             if tell_peer {
-                if let Some(s) = self.sockets.first() {
-                    let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
-                    let _ = (&*s).write_all(&close_frame(close_code(&err), &err.to_string()));
-                }
+                self.send_close(&close_frame(close_code(&err), &err.to_string()));
             }
             tracing::debug!("connection failed: {err}");
             *f = Some(err);
@@ -89,6 +89,24 @@ impl Shared {
         self.closed.store(true, Ordering::Release);
         for s in &self.sockets {
             let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Writes a close frame on stream 0 between two frames of the writer thread (waiting at
+    /// most 200 ms for it to finish the current one; the peer then sees a bare end instead).
+    fn send_close(&self, frame: &[u8]) {
+        let Some(s) = self.sockets.first() else { return };
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            match self.control_write.try_lock() {
+                Ok(_g) => {
+                    let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                    let _ = (&*s).write_all(frame);
+                    return;
+                }
+                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(1)),
+                Err(_) => return,
+            }
         }
     }
 
@@ -184,6 +202,7 @@ impl SocketLink {
             closed: AtomicBool::new(false),
             inbound: AtomicUsize::new(0),
             sockets,
+            control_write: Mutex::new(()),
             events: Mutex::new(ev_tx),
             local_events: Mutex::new(VecDeque::new()),
             timeout,
@@ -197,7 +216,7 @@ impl SocketLink {
             let sh = shared.clone();
             thread::Builder::new()
                 .name(format!("kvwire-tx{i}"))
-                .spawn(move || writer_loop(&sh, &wsock, &rx))
+                .spawn(move || writer_loop(&sh, i, &wsock, &rx))
                 .map_err(|e| TransportError::io("spawning a writer thread", e))?;
             let sh = shared.clone();
             let my_tx = tx.clone();
@@ -310,8 +329,7 @@ impl Link for SocketLink {
             .shared
             .core()
             .start_read(src, offset, len, Pending::Read(wr_id, dst))?;
-        let mut f = hdr.to_bytes().to_vec();
-        f.truncate(HEADER_LEN);
+        let f = hdr.to_bytes().to_vec();
         self.enqueue(self.data_stream(), OutOp::Frame(f))
     }
 
@@ -376,10 +394,7 @@ impl Link for SocketLink {
         {
             let mut f = self.shared.failed.lock().unwrap_or_else(|p| p.into_inner());
             if f.is_none() {
-                if let Some(s) = self.shared.sockets.first() {
-                    let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
-                    let _ = (&*s).write_all(&close_frame(code, reason));
-                }
+                self.shared.send_close(&close_frame(code, reason));
                 *f = Some(TransportError::PeerClosed("closed by this side".into()));
             }
         }
@@ -396,7 +411,7 @@ impl Drop for SocketLink {
     }
 }
 
-fn writer_loop(sh: &Shared, sock: &TcpStream, rx: &Receiver<OutOp>) {
+fn writer_loop(sh: &Shared, stream: usize, sock: &TcpStream, rx: &Receiver<OutOp>) {
     loop {
         let op = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(op) => op,
@@ -408,6 +423,10 @@ fn writer_loop(sh: &Shared, sock: &TcpStream, rx: &Receiver<OutOp>) {
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        if sh.is_closed() {
+            return;
+        }
+        let _guard = (stream == 0).then(|| sh.control_write.lock().unwrap_or_else(|p| p.into_inner()));
         if sh.is_closed() {
             return;
         }
