@@ -169,7 +169,8 @@ impl SessionMsg {
                     return Err(bad("abort reason too long"));
                 }
                 Self::Abort {
-                    reason: String::from_utf8_lossy(body).into_owned(),
+                    reason: String::from_utf8(body.to_vec())
+                        .map_err(|_| bad("abort reason is not UTF-8"))?,
                 }
             }
             t => return Err(bad(&format!("unknown tag {t}"))),
@@ -257,6 +258,7 @@ mod tests {
             b"S\x03\x02\x00\x01\x00",
             b"S\x04\0\0",
             b"S\x09",
+            b"S\x05\xff",
         ] {
             assert!(SessionMsg::from_bytes(b).is_err(), "{b:?}");
         }
