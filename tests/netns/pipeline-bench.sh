@@ -4,7 +4,10 @@
 # and at raw, and compares the compressed send-to-last-layer-decoded time with encode, wire
 # and decode times measured separately in the same run.
 #
-#   tests/netns/pipeline-bench.sh [--kv FILE] [--rate RATE] [--level LEVEL] [--reps N]
+#   tests/netns/pipeline-bench.sh [--kv FILE] [--rate RATE] [--level LEVEL] [--reps N] [--pin]
+#
+# Both ends share this machine's cores. With --pin the sender runs on CPU 0 and the receiver
+# on CPU 1, one thread each, and encode/decode are measured on one core: two one-core nodes.
 #
 # KVWIRE_BIN selects the binary (default target/release/kvwire). Prints a table and one JSON
 # line; exits 77 (skip) when network namespaces are not available here.
@@ -18,6 +21,7 @@ KV=$ROOT/data/smollm2-pydoc-4096.safetensors
 RATE=1gbit
 LEVEL=cg-default
 REPS=3
+PIN=0
 
 while (($# > 0)); do
     case $1 in
@@ -25,6 +29,7 @@ while (($# > 0)); do
         --rate) RATE=$2; shift 2 ;;
         --level) LEVEL=$2; shift 2 ;;
         --reps) REPS=$2; shift 2 ;;
+        --pin) PIN=1; shift ;;
         *) echo "usage: $0 [--kv FILE] [--rate RATE] [--level LEVEL] [--reps N]" >&2; exit 2 ;;
     esac
 done
@@ -38,16 +43,22 @@ cleanup() { "$NET" down --name "$NAME" >/dev/null 2>&1 || true; rm -rf "$TMP"; }
 trap cleanup EXIT
 eval "$("$NET" up --name "$NAME" --rate "$RATE")"
 
+# With --pin: the sender's, the receiver's and the codec measurement's CPU and thread options.
+SEND_PRE=(); RECV_PRE=(); EVAL_PRE=(); THREADS=()
+if ((PIN)); then
+    SEND_PRE=(taskset -c 0); RECV_PRE=(taskset -c 1); EVAL_PRE=(taskset -c 0); THREADS=(--threads 1)
+fi
+
 PORT=47100
 # One transfer at $1; prints the sender's JSON line.
 transfer() {
     local level=$1
     PORT=$((PORT + 1))
-    "$NET" exec b --name "$NAME" -- "$BIN" recv --listen "$ADDR_B:$PORT" -o "$TMP/out.safetensors" \
+    "$NET" exec b --name "$NAME" -- "${RECV_PRE[@]}" "$BIN" recv "${THREADS[@]}" --listen "$ADDR_B:$PORT" -o "$TMP/out.safetensors" \
         --timeout 30 --accept-timeout 30 --json >"$TMP/recv.json" 2>"$TMP/recv.err" &
     local rpid=$!
     local tries=0
-    until "$NET" exec a --name "$NAME" -- "$BIN" send --connect "$ADDR_B:$PORT" "$KV" --level "$level" \
+    until "$NET" exec a --name "$NAME" -- "${SEND_PRE[@]}" "$BIN" send "${THREADS[@]}" --connect "$ADDR_B:$PORT" "$KV" --level "$level" \
         --timeout 30 --json >"$TMP/send.json" 2>"$TMP/send.err"; do
         # The receiver may not be listening yet: retry a refused connection briefly.
         tries=$((tries + 1))
@@ -74,7 +85,7 @@ fi
 declare -a T_RAW T_CG ENC DEC WIRE
 for ((i = 0; i < REPS; i++)); do
     # Baseline and candidate interleaved: the machine is shared and its speed drifts.
-    ev=$("$BIN" codec eval "$KV" --level "$LEVEL" --reps 1 --json)
+    ev=$("${EVAL_PRE[@]}" "$BIN" codec eval "$KV" --level "$LEVEL" --reps 1 --json "${THREADS[@]}")
     raw=$(transfer raw)
     cg=$(transfer "$LEVEL")
     bytes=$(echo "$ev" | field bytes)
@@ -90,7 +101,7 @@ for ((i = 0; i < REPS; i++)); do
     ENC+=("$enc"); DEC+=("$dec"); WIRE+=("$wire")
 done
 
-python3 - "$RATE" "$LEVEL" "${IPERF:-nan}" "${T_RAW[*]}" "${T_CG[*]}" "${ENC[*]}" "${DEC[*]}" "${WIRE[*]}" "$KV" <<'PY'
+python3 - "$RATE$( ((PIN)) && echo ', pinned: one core per side')" "$LEVEL" "${IPERF:-nan}" "${T_RAW[*]}" "${T_CG[*]}" "${ENC[*]}" "${DEC[*]}" "${WIRE[*]}" "$KV" <<'PY'
 import json, statistics, sys
 rate, level, iperf = sys.argv[1], sys.argv[2], float(sys.argv[3])
 med = lambda s: statistics.median(float(x) for x in s.split())
