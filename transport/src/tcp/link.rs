@@ -95,7 +95,9 @@ impl Shared {
     /// Writes a close frame on stream 0 between two frames of the writer thread (waiting at
     /// most 200 ms for it to finish the current one; the peer then sees a bare end instead).
     fn send_close(&self, frame: &[u8]) {
-        let Some(s) = self.sockets.first() else { return };
+        let Some(s) = self.sockets.first() else {
+            return;
+        };
         let deadline = Instant::now() + Duration::from_millis(200);
         loop {
             match self.control_write.try_lock() {
@@ -426,7 +428,8 @@ fn writer_loop(sh: &Shared, stream: usize, sock: &TcpStream, rx: &Receiver<OutOp
         if sh.is_closed() {
             return;
         }
-        let _guard = (stream == 0).then(|| sh.control_write.lock().unwrap_or_else(|p| p.into_inner()));
+        let _guard =
+            (stream == 0).then(|| sh.control_write.lock().unwrap_or_else(|p| p.into_inner()));
         if sh.is_closed() {
             return;
         }
