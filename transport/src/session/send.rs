@@ -311,6 +311,11 @@ impl<'c> KvSender<'c> {
                         }
                     }
                     Ok(None) => {}
+                    // The receiver confirmed every block and closed before the last worker
+                    // returned from posting: not a failure; wait for the workers.
+                    Err(_) if this.lock().complete.is_some() => {
+                        thread::sleep(Duration::from_millis(1));
+                    }
                     Err(e) => this.fail(e),
                 }
             }

@@ -57,6 +57,9 @@ pub(crate) struct Shared {
     /// Held while a frame is written to stream 0, so a close frame sent from another thread
     /// never lands inside another frame.
     control_write: Mutex<()>,
+    /// Operations queued to writer threads and not yet written; an orderly close waits for
+    /// them (a confirmation queued just before the close must still reach the peer).
+    queued: AtomicUsize,
     events: Mutex<Sender<Event>>,
     local_events: Mutex<VecDeque<Event>>,
     timeout: Duration,
@@ -205,6 +208,7 @@ impl SocketLink {
             inbound: AtomicUsize::new(0),
             sockets,
             control_write: Mutex::new(()),
+            queued: AtomicUsize::new(0),
             events: Mutex::new(ev_tx),
             local_events: Mutex::new(VecDeque::new()),
             timeout,
@@ -267,9 +271,11 @@ impl SocketLink {
         let deadline = Instant::now() + self.shared.timeout;
         let mut op = op;
         loop {
+            self.shared.queued.fetch_add(1, Ordering::AcqRel);
             match self.writers[stream].try_send(op) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::TrySendError::Full(o)) => {
+                    self.shared.queued.fetch_sub(1, Ordering::AcqRel);
                     self.check_open()?;
                     if Instant::now() >= deadline {
                         return Err(TransportError::Timeout(
@@ -281,6 +287,7 @@ impl SocketLink {
                     thread::sleep(Duration::from_micros(200));
                 }
                 Err(mpsc::TrySendError::Disconnected(_)) => {
+                    self.shared.queued.fetch_sub(1, Ordering::AcqRel);
                     self.check_open()?;
                     return Err(TransportError::PeerClosed("the writer thread ended".into()));
                 }
@@ -393,6 +400,16 @@ impl Link for SocketLink {
         } else {
             CloseCode::Aborted
         };
+        if reason.is_empty() {
+            // Orderly: let the writers finish what is queued (bounded by the timeout).
+            let deadline = Instant::now() + self.shared.timeout;
+            while self.shared.queued.load(Ordering::Acquire) > 0
+                && !self.shared.is_closed()
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_micros(200));
+            }
+        }
         {
             let mut f = self.shared.failed.lock().unwrap_or_else(|p| p.into_inner());
             if f.is_none() {
@@ -465,6 +482,7 @@ fn writer_loop(sh: &Shared, stream: usize, sock: &TcpStream, rx: &Receiver<OutOp
                 Err(e) => Err(e),
             },
         };
+        sh.queued.fetch_sub(1, Ordering::AcqRel);
         if let Err(e) = r {
             let e = match e {
                 TransportError::Io { source, .. } if is_timeout(&source) => {
@@ -569,7 +587,10 @@ fn read_frames(sh: &Arc<Shared>, sock: &TcpStream, my_writer: &SyncSender<OutOp>
                     .read_from_fd(sock)
                     .map_err(|e| payload_err(sh, e))?;
                 let ack = sh.core().write_placed(id).to_bytes().to_vec();
-                let _ = my_writer.send(OutOp::Frame(ack));
+                sh.queued.fetch_add(1, Ordering::AcqRel);
+                if my_writer.send(OutOp::Frame(ack)).is_err() {
+                    sh.queued.fetch_sub(1, Ordering::AcqRel);
+                }
                 sh.emit(Event::Notify(Notification {
                     region: region_id,
                     offset,
