@@ -102,20 +102,14 @@ impl<'a> RawSpan<'a> {
             // memory exists.
             let n =
                 unsafe { libc::read(fd.as_raw_fd(), self.ptr.add(done).cast(), self.len - done) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+            match progress(
+                n,
+                io::ErrorKind::UnexpectedEof,
+                "stream ended inside a payload",
+            )? {
+                Some(n) => done += n,
+                None => continue,
             }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "stream ended inside a payload",
-                ));
-            }
-            done += n as usize;
         }
         Ok(())
     }
@@ -146,22 +140,29 @@ impl<'a> RawSpan<'a> {
             // SAFETY: both iovecs describe readable memory: a live slice and a span of a live
             // mapping; the kernel only reads them.
             let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), 2) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+            match progress(n, io::ErrorKind::WriteZero, "socket took no bytes")? {
+                Some(n) => done += n,
+                None => continue,
             }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "socket took no bytes",
-                ));
-            }
-            done += n as usize;
         }
         Ok(())
+    }
+}
+
+/// The bytes a `read`/`writev` returning `n` moved: `None` to retry (interrupted), an error
+/// of `zero_kind` when it moved nothing (the peer ended the stream).
+fn progress(n: isize, zero_kind: io::ErrorKind, zero_msg: &str) -> io::Result<Option<usize>> {
+    match n {
+        n if n < 0 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+        0 => Err(io::Error::new(zero_kind, zero_msg.to_owned())),
+        n => Ok(Some(n as usize)),
     }
 }
 

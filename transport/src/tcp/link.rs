@@ -78,15 +78,22 @@ impl Shared {
     /// Records the connection's first failure, tells the peer (best effort) and stops
     /// every thread by shutting the sockets down.
     pub(crate) fn fail(&self, err: TransportError, tell_peer: bool) {
+        let frame = tell_peer.then(|| close_frame(close_code(&err), &err.to_string()));
+        self.end(err, frame.as_deref());
+    }
+
+    /// Ends the connection once: records `err` as what later calls report, sends `frame`
+    /// (a close frame) if given, and shuts the sockets down, which stops every thread.
+    fn end(&self, err: TransportError, frame: Option<&[u8]>) {
         {
             let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
             if f.is_some() {
                 return;
             }
-            if tell_peer {
-                self.send_close(&close_frame(close_code(&err), &err.to_string()));
+            if let Some(frame) = frame {
+                self.send_close(frame);
             }
-            tracing::debug!("connection failed: {err}");
+            tracing::debug!("connection ended: {err}");
             *f = Some(err);
         }
         self.closed.store(true, Ordering::Release);
@@ -410,17 +417,10 @@ impl Link for SocketLink {
                 thread::sleep(Duration::from_micros(200));
             }
         }
-        {
-            let mut f = self.shared.failed.lock().unwrap_or_else(|p| p.into_inner());
-            if f.is_none() {
-                self.shared.send_close(&close_frame(code, reason));
-                *f = Some(TransportError::PeerClosed("closed by this side".into()));
-            }
-        }
-        self.shared.closed.store(true, Ordering::Release);
-        for s in &self.shared.sockets {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        self.shared.end(
+            TransportError::PeerClosed("closed by this side".into()),
+            Some(&close_frame(code, reason)),
+        );
     }
 }
 
