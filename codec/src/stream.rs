@@ -96,6 +96,48 @@ impl Encoder {
         })
     }
 
+    /// An encoder whose level uses a bin table of the caller's (one entry per layer for K
+    /// and for V) instead of the level's own: a table calibrated for a model, as
+    /// `examples/disagg/bins_sensitivity.py` derives one. The table travels in the header, so
+    /// any decoder reads the result.
+    ///
+    /// # Errors
+    /// As [`Self::new`]; [`CodecError::Unsupported`] for `raw` and `q8` (no bins to choose),
+    /// a table whose length is not the layer count, or a bin count the level's coder cannot
+    /// take (even, 4..=64 for the native levels, 4..=62 for `lmcache`).
+    pub fn with_bins(
+        spec: KvSpec,
+        opts: &EncodeOptions,
+        bins_k: &[u8],
+        bins_v: &[u8],
+    ) -> Result<Self> {
+        let mut enc = Self::new(spec, opts)?;
+        if matches!(opts.level, Level::Raw | Level::Q8) {
+            return Err(CodecError::Unsupported(format!(
+                "level {} has no bins to choose",
+                opts.level
+            )));
+        }
+        let layers = spec.shape.layers;
+        if bins_k.len() != layers || bins_v.len() != layers {
+            return Err(CodecError::Unsupported(format!(
+                "a bin table needs {layers} entries for K and for V, got {} and {}",
+                bins_k.len(),
+                bins_v.len()
+            )));
+        }
+        enc.header.bins_k = bins_k.to_vec();
+        enc.header.bins_v = bins_v.to_vec();
+        enc.header.check_bins().map_err(|_| {
+            CodecError::Unsupported(format!(
+                "bins must be even and in 4..={} for level {}",
+                if opts.level == Level::Lmcache { 62 } else { 64 },
+                opts.level
+            ))
+        })?;
+        Ok(enc)
+    }
+
     /// The header every block of this encoder belongs to.
     pub const fn header(&self) -> &Header {
         &self.header

@@ -1,6 +1,6 @@
 //! Whole-cache encode and decode over flat byte views (the Python half does the shapes).
 
-use kvwire_codec::{Decoder, EncodeOptions, KvView, Level};
+use kvwire_codec::{Decoder, EncodeOptions, Encoder, KvView, Level};
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -12,7 +12,7 @@ use crate::convert::{self, codec_err, decode_err};
 ///
 /// The GIL is released while encoding; the input is read in place.
 #[pyfunction]
-#[pyo3(signature = (data, dims, layout, dtype, level, chunk_tokens, channel_scale_k=false))]
+#[pyo3(signature = (data, dims, layout, dtype, level, chunk_tokens, channel_scale_k=false, bins=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_flat<'py>(
     py: Python<'py>,
@@ -23,6 +23,7 @@ pub(crate) fn encode_flat<'py>(
     level: &str,
     chunk_tokens: usize,
     channel_scale_k: bool,
+    bins: Option<(Vec<u8>, Vec<u8>)>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let spec = convert::spec(&dims, layout, dtype)?;
     let opts = EncodeOptions {
@@ -33,7 +34,10 @@ pub(crate) fn encode_flat<'py>(
     let bytes = data.as_slice()?;
     let out = py.detach(|| {
         let view = KvView::new(spec, bytes)?;
-        kvwire_codec::encode(&view, &opts)
+        match &bins {
+            None => kvwire_codec::encode(&view, &opts),
+            Some((k, v)) => Encoder::with_bins(spec, &opts, k, v)?.encode(&view),
+        }
     });
     Ok(PyBytes::new(py, &out.map_err(codec_err)?))
 }

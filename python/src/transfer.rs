@@ -88,7 +88,7 @@ pub(crate) struct Sender {
 #[pymethods]
 impl Sender {
     #[new]
-    #[pyo3(signature = (connect, token=None, fabric="tcp", level="cg-default", chunk_tokens=256, threads=0, timeout=5.0, streams=2))]
+    #[pyo3(signature = (connect, token=None, fabric="tcp", level="cg-default", chunk_tokens=256, threads=0, timeout=5.0, streams=2, channel_scale_k=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -100,13 +100,14 @@ impl Sender {
         threads: usize,
         timeout: f64,
         streams: u16,
+        channel_scale_k: bool,
     ) -> PyResult<Self> {
         crate::codec::check_chunk_tokens(chunk_tokens)?;
         let cfg = endpoint_config(fabric, token, timeout, streams)?;
         let mut opts = SendOptions::new(EncodeOptions {
             level: convert::level(level)?,
             chunk_tokens,
-            channel_scale_k: false,
+            channel_scale_k,
         });
         opts.threads = threads;
         opts.timeout = cfg.timeout;
@@ -127,7 +128,8 @@ impl Sender {
     }
 
     /// Ships a whole cache given as its bytes plus dims, layout and dtype.
-    #[pyo3(signature = (data, dims, layout, dtype, level=None))]
+    #[pyo3(signature = (data, dims, layout, dtype, level=None, channel_scale_k=None))]
+    #[allow(clippy::too_many_arguments)]
     fn send<'py>(
         &self,
         py: Python<'py>,
@@ -136,9 +138,10 @@ impl Sender {
         layout: &str,
         dtype: &str,
         level: Option<&str>,
+        channel_scale_k: Option<bool>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let spec = convert::spec(&dims, layout, dtype)?;
-        let opts = self.opts_for(level)?;
+        let opts = self.opts_for(level, channel_scale_k)?;
         let bytes = data.as_slice()?;
         let view = KvView::new(spec, bytes).map_err(codec_err)?;
         let st = py.detach(|| -> PyResult<SendStats> {
@@ -157,7 +160,7 @@ impl Sender {
     }
 
     /// Starts a layer-by-layer transfer of a cache with these dims, layout and dtype.
-    #[pyo3(signature = (dims, layout, dtype, level=None))]
+    #[pyo3(signature = (dims, layout, dtype, level=None, channel_scale_k=None))]
     fn begin(
         &self,
         py: Python<'_>,
@@ -165,9 +168,10 @@ impl Sender {
         layout: &str,
         dtype: &str,
         level: Option<&str>,
+        channel_scale_k: Option<bool>,
     ) -> PyResult<()> {
         let spec = convert::spec(&dims, layout, dtype)?;
-        let opts = self.opts_for(level)?;
+        let opts = self.opts_for(level, channel_scale_k)?;
         py.detach(|| {
             let mut g = lock(&self.state);
             let state = g.as_mut().ok_or_else(closed)?;
@@ -273,10 +277,17 @@ impl Sender {
 }
 
 impl Sender {
-    fn opts_for(&self, level: Option<&str>) -> PyResult<SendOptions> {
+    fn opts_for(
+        &self,
+        level: Option<&str>,
+        channel_scale_k: Option<bool>,
+    ) -> PyResult<SendOptions> {
         let mut opts = self.opts.clone();
         if let Some(l) = level {
             opts.encode.level = convert::level(l)?;
+        }
+        if let Some(k) = channel_scale_k {
+            opts.encode.channel_scale_k = k;
         }
         Ok(opts)
     }

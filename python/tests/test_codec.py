@@ -152,3 +152,19 @@ def test_corrupt_and_truncated_bitstreams_raise_codec_error(kv):
     with pytest.raises(kvwire.CodecError):
         kvwire.header(b"not a kvwire stream at all")
     assert issubclass(kvwire.CodecError, kvwire.KvwireError)
+
+
+def test_custom_bin_table(kv):
+    data = kvwire.encode(kv, "cg-default", bins=([64, 64], [4, 4]))
+    assert kvwire.header(data)["bins"] == [(64, 4), (64, 4)]
+    out = kvwire.decode(data).astype(np.float32)
+    err = np.abs(out - kv.astype(np.float32))
+    m = token_absmax(kv)
+    assert np.all(err[:, 0] <= m[:, 0] * (1 / 62 + 2**-10) + 1e-6)  # K: 64 bins
+    assert np.all(err[:, 1] <= m[:, 1] * (1 / 2 + 2**-10) + 1e-6)  # V: 4 bins
+    assert err[:, 1].max() > err[:, 0].max()
+    for bad in (([16], [16, 16]), ([15, 16], [16, 16]), ([16, 66], [16, 16])):
+        with pytest.raises(ValueError, match="bin"):
+            kvwire.encode(kv, "cg-default", bins=bad)
+    with pytest.raises(ValueError, match="no bins"):
+        kvwire.encode(kv, "q8", bins=([16, 16], [16, 16]))

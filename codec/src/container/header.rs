@@ -182,7 +182,7 @@ impl Header {
         Ok((h, r.pos()))
     }
 
-    fn check_bins(&self) -> Result<(), DecodeError> {
+    pub(crate) fn check_bins(&self) -> Result<(), DecodeError> {
         for &b in self.bins_k.iter().chain(&self.bins_v) {
             let ok = match self.level {
                 Level::Raw => b == 0,

@@ -23,7 +23,7 @@ Rust message; bad arguments raise ``ValueError``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -141,6 +141,7 @@ def encode(
     dtype: Optional[str] = None,
     chunk_tokens: int = 256,
     channel_scale_k: bool = False,
+    bins: Optional[Tuple[Sequence[int], Sequence[int]]] = None,
 ) -> bytes:
     """Encodes a whole KV cache into a kvwire bitstream.
 
@@ -154,13 +155,23 @@ def encode(
             against the array's dtype.
         chunk_tokens: tokens per independently decodable block.
         channel_scale_k: divide K by a per-channel scale first (KIVI's finding).
+        bins: ``(bins_k, bins_v)``, one even bin count per layer each (4..64; lmcache 4..62),
+            replacing the level's own table (e.g. a table calibrated for the model with
+            examples/disagg/bins_sensitivity.py); not for ``raw`` and ``q8``.
 
     Returns:
         The bitstream; :func:`decode` gives back the same shape, dtype and layout.
     """
     arr, kind = _to_numpy(kv, dtype)
     return _kvwire.encode_flat(
-        _flat(arr), list(arr.shape), layout, kind, level, chunk_tokens, channel_scale_k
+        _flat(arr),
+        list(arr.shape),
+        layout,
+        kind,
+        level,
+        chunk_tokens,
+        channel_scale_k,
+        None if bins is None else (list(bins[0]), list(bins[1])),
     )
 
 
@@ -197,6 +208,8 @@ class Sender:
         threads: encode threads (0: one per core).
         timeout: longest wait, in seconds, for the receiver at any step.
         streams: TCP connections per peer (more fill faster links).
+        channel_scale_k: divide K by a per-channel scale before quantizing (KIVI's finding
+            that K has outlier channels); lossy levels other than ``lmcache`` only.
     """
 
     def __init__(
@@ -210,9 +223,10 @@ class Sender:
         threads: int = 0,
         timeout: float = 5.0,
         streams: int = 2,
+        channel_scale_k: bool = False,
     ) -> None:
         self._inner = _kvwire.Sender(
-            connect, token, fabric, level, chunk_tokens, threads, timeout, streams
+            connect, token, fabric, level, chunk_tokens, threads, timeout, streams, channel_scale_k
         )
         self._layer: Optional[Tuple[str, str, Tuple[int, ...]]] = None
 
@@ -222,7 +236,13 @@ class Sender:
         return self._inner.peer
 
     def send(
-        self, kv: Any, *, layout: str = "hf", dtype: Optional[str] = None, level: Optional[str] = None
+        self,
+        kv: Any,
+        *,
+        layout: str = "hf",
+        dtype: Optional[str] = None,
+        level: Optional[str] = None,
+        channel_scale_k: Optional[bool] = None,
     ) -> Dict[str, Any]:
         """Ships a whole cache; returns once the receiver decoded every block.
 
@@ -230,7 +250,7 @@ class Sender:
         receiver decoded the last layer), ``receiver_decode_s``.
         """
         arr, kind = _to_numpy(kv, dtype)
-        return self._inner.send(_flat(arr), list(arr.shape), layout, kind, level)
+        return self._inner.send(_flat(arr), list(arr.shape), layout, kind, level, channel_scale_k)
 
     def begin(
         self,
@@ -242,11 +262,13 @@ class Sender:
         dtype: str = "f16",
         layout: str = "hf",
         level: Optional[str] = None,
+        channel_scale_k: Optional[bool] = None,
     ) -> None:
-        """Starts a layer-by-layer transfer of a cache of this shape."""
+        """Starts a layer-by-layer transfer of a cache of this shape (``level`` and
+        ``channel_scale_k`` default to the sender's)."""
         dims = [layers, 2, kv_heads, tokens, head_dim] if layout == "hf" else [layers, 2, tokens, kv_heads, head_dim]
         kind = {"float16": "f16", "float32": "f32", "bfloat16": "bf16"}.get(dtype, dtype)
-        self._inner.begin(dims, layout, kind, level)
+        self._inner.begin(dims, layout, kind, level, channel_scale_k)
         self._layer = (layout, kind, tuple(dims[2:]))
 
     def send_layer(self, layer: int, k: Any, v: Any = None) -> None:

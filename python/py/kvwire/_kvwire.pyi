@@ -21,6 +21,7 @@ def encode_flat(
     level: str,
     chunk_tokens: int,
     channel_scale_k: bool = ...,
+    bins: Optional[Tuple[List[int], List[int]]] = ...,
 ) -> bytes: ...
 def decode_flat(data: npt.NDArray[np.uint8]) -> Tuple[npt.NDArray[np.uint8], Dict[str, Any]]: ...
 def header(data: npt.NDArray[np.uint8]) -> Dict[str, Any]: ...
@@ -37,6 +38,7 @@ class Sender:
         threads: int = ...,
         timeout: float = ...,
         streams: int = ...,
+        channel_scale_k: bool = ...,
     ) -> None: ...
     @property
     def peer(self) -> str: ...
@@ -47,8 +49,16 @@ class Sender:
         layout: str,
         dtype: str,
         level: Optional[str] = ...,
+        channel_scale_k: Optional[bool] = ...,
     ) -> Dict[str, Any]: ...
-    def begin(self, dims: List[int], layout: str, dtype: str, level: Optional[str] = ...) -> None: ...
+    def begin(
+        self,
+        dims: List[int],
+        layout: str,
+        dtype: str,
+        level: Optional[str] = ...,
+        channel_scale_k: Optional[bool] = ...,
+    ) -> None: ...
     def send_layer(
         self, layer: int, k: npt.NDArray[np.uint8], v: Optional[npt.NDArray[np.uint8]] = ...
     ) -> None: ...
