@@ -48,6 +48,10 @@ pub enum TransportError {
     /// The two endpoints cannot talk over the requested fabric.
     #[error("fabric mismatch: {0}")]
     FabricMismatch(String),
+    /// The RDMA stack refused: no libibverbs or device, port down, no usable GID, a verbs
+    /// call failed, or a work request completed with an error status.
+    #[error("verbs: {0}")]
+    Verbs(String),
     /// The codec refused a block (encode or decode).
     #[error("codec: {0}")]
     Codec(#[from] kvwire_codec::CodecError),

@@ -20,6 +20,8 @@ mod region;
 pub mod session;
 mod shm;
 mod tcp;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 pub use endpoint::{Connection, Endpoint, EndpointConfig, Listener};
 pub use error::{Result, TransportError};

@@ -175,6 +175,13 @@ impl Region {
         }
     }
 
+    /// The first byte of the mapping, for registering the region with an RDMA device (which
+    /// then reads and writes it by DMA; the region outlives the registration, see `verbs`).
+    #[cfg(feature = "verbs")]
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
     /// A bounds-checked raw span of the region.
     pub(crate) fn span(&self, offset: u64, len: u64) -> Result<RawSpan<'_>> {
         self.check(offset, len)?;

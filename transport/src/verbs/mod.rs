@@ -1,0 +1,19 @@
+//! The verbs layer (InfiniBand, RoCE v2): devices, registered regions and RC queue pairs,
+//! as safe owning wrappers over `sideway` (which dlopens libibverbs at run time, so a binary
+//! built with this feature still starts where there is no RDMA, and says so).
+//!
+//! Ownership ties things together the way the hardware needs: a [`VerbsRegion`] holds the
+//! [`Region`](crate::Region) it registered (the memory stays mapped while the device may DMA
+//! into it) and the device; an [`RcQueuePair`] holds the device and its completion queue.
+//! Every `unsafe` call lives in [`sys`].
+//!
+//! Connection setup is perftest's: each side creates a QP, the two exchange [`QpInfo`]
+//! (QP number, PSN, GID, LID, MTU) over an out-of-band channel, then each moves its QP to
+//! ready-to-send with [`RcQueuePair::connect`].
+
+mod device;
+mod qp;
+mod sys;
+
+pub use device::{DeviceSelector, VerbsDevice, VerbsRegion};
+pub use qp::{Completion, CompletionKind, QpInfo, RcQueuePair, RemoteRegion};
