@@ -1,0 +1,235 @@
+//! This machine's codec speeds per level, measured on the embedded real KV sample (256 tokens
+//! of SmolLM2-135M) on one thread, and cached in `$XDG_CACHE_HOME/kvwire/calibration-v1`
+//! (or `~/.cache/kvwire/`). The cache is keyed by the CPU (model name and core count from
+//! `/proc/cpuinfo`) and the build (a hash of the running executable's path, size and mtime
+//! plus this crate's version); a different key measures again.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use kvwire_codec::{file, Decoder, EncodeOptions, Encoder, Level};
+use sha2::{Digest, Sha256};
+
+use super::AUTO_LEVELS;
+use crate::error::Result;
+
+static SAMPLE: &[u8] = include_bytes!("../../../codec/testdata/smollm2-pydoc-256.safetensors");
+
+/// Largest cache file read back.
+const MAX_FILE: u64 = 16 * 1024;
+
+/// One level's measured speeds on one thread.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LevelSpeed {
+    /// The level.
+    pub level: Level,
+    /// Encoded bytes per input byte on the sample.
+    pub ratio: f64,
+    /// Input bytes/s encoded by one thread.
+    pub encode_rate: f64,
+    /// Input bytes/s decoded by one thread.
+    pub decode_rate: f64,
+}
+
+/// Codec speeds of this machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    /// The key the measurement belongs to (CPU and build).
+    pub key: String,
+    /// Per level, [`AUTO_LEVELS`] order.
+    pub levels: Vec<LevelSpeed>,
+    /// Cores of this machine (the policy multiplies per-thread rates by the threads used).
+    pub cores: usize,
+}
+
+impl Calibration {
+    /// The speeds of `level`, if measured.
+    pub fn get(&self, level: Level) -> Option<LevelSpeed> {
+        self.levels.iter().copied().find(|l| l.level == level)
+    }
+
+    /// Measures every auto level on the embedded sample (about a quarter of a second).
+    ///
+    /// # Errors
+    /// Codec errors on the sample (a bug).
+    pub fn measure() -> Result<Self> {
+        let (view, _) = file::view_safetensors(SAMPLE)?;
+        let spec = *view.spec();
+        let input = spec.byte_len() as f64;
+        let mut levels = Vec::new();
+        for level in AUTO_LEVELS {
+            let enc = Encoder::new(spec, &EncodeOptions::level(level))?;
+            let chunks = enc.header().chunks();
+            let mut blocks = Vec::new();
+            let t = Instant::now();
+            for l in 0..spec.shape.layers {
+                for c in 0..chunks {
+                    let mut b = Vec::new();
+                    enc.encode_block(&view, l, c, &mut b)?;
+                    blocks.push(b);
+                }
+            }
+            let encode_s = t.elapsed().as_secs_f64();
+            let mut header = Vec::new();
+            enc.write_header(&mut header);
+            let (dec, _) = Decoder::new(&header).map_err(kvwire_codec::CodecError::from)?;
+            let mut out = Vec::new();
+            let t = Instant::now();
+            for b in &blocks {
+                let (_, chunk) = dec.block_header(b).map_err(kvwire_codec::CodecError::from)?;
+                out.resize(dec.chunk_spec(chunk).byte_len(), 0);
+                dec.decode_block_chunk(b, &mut out)?;
+            }
+            let decode_s = t.elapsed().as_secs_f64();
+            let wire: usize = blocks.iter().map(Vec::len).sum();
+            levels.push(LevelSpeed {
+                level,
+                ratio: wire as f64 / input,
+                encode_rate: input / encode_s.max(1e-6),
+                decode_rate: input / decode_s.max(1e-6),
+            });
+        }
+        Ok(Self {
+            key: machine_key(),
+            levels,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        })
+    }
+
+    /// The cached calibration of this machine and build, measured (and written to the cache)
+    /// when missing or stale; measured once per process.
+    ///
+    /// # Errors
+    /// As [`Self::measure`]. A cache that cannot be written is only logged.
+    pub fn cached() -> Result<Self> {
+        static ONCE: OnceLock<Calibration> = OnceLock::new();
+        if let Some(c) = ONCE.get() {
+            return Ok(c.clone());
+        }
+        let key = machine_key();
+        let path = cache_path();
+        if let Some(c) = path
+            .as_ref()
+            .and_then(|p| read_bounded(p))
+            .and_then(|t| Self::parse(&t))
+            .filter(|c| c.key == key)
+        {
+            return Ok(ONCE.get_or_init(|| c).clone());
+        }
+        let t = Instant::now();
+        let c = Self::measure()?;
+        tracing::info!(ms = t.elapsed().as_millis() as u64, "codec calibration measured");
+        if let Some(p) = &path {
+            let write = p
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(p, c.to_text()));
+            if let Err(e) = write {
+                tracing::warn!(path = %p.display(), error = %e, "cannot cache the calibration");
+            }
+        }
+        Ok(ONCE.get_or_init(|| c).clone())
+    }
+
+    /// The cache file's text.
+    pub fn to_text(&self) -> String {
+        let mut s = format!("kvwire-calibration 1\nkey {}\ncores {}\n", self.key, self.cores);
+        for l in &self.levels {
+            s += &format!(
+                "level {} {} {} {}\n",
+                l.level, l.ratio, l.encode_rate, l.decode_rate
+            );
+        }
+        s
+    }
+
+    /// Parses [`Self::to_text`]; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut lines = text.lines();
+        if lines.next()? != "kvwire-calibration 1" {
+            return None;
+        }
+        let key = lines.next()?.strip_prefix("key ")?.to_string();
+        let cores = lines.next()?.strip_prefix("cores ")?.parse().ok()?;
+        let mut levels = Vec::new();
+        for line in lines {
+            let f: Vec<&str> = line.split(' ').collect();
+            let [ "level", name, ratio, enc, dec] = f[..] else {
+                return None;
+            };
+            let num = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0);
+            levels.push(LevelSpeed {
+                level: name.parse().ok()?,
+                ratio: num(ratio)?,
+                encode_rate: num(enc)?,
+                decode_rate: num(dec)?,
+            });
+        }
+        (levels.len() == AUTO_LEVELS.len()).then_some(Self { key, levels, cores })
+    }
+}
+
+fn read_bounded(p: &std::path::Path) -> Option<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(p).ok()?;
+    let mut s = String::new();
+    f.take(MAX_FILE).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+/// `$XDG_CACHE_HOME/kvwire/calibration-v1`, else `~/.cache/kvwire/calibration-v1`.
+pub fn cache_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("kvwire").join("calibration-v1"))
+}
+
+/// CPU model and core count, and the build: changes to either invalidate the cache.
+pub fn machine_key() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown", |(_, m)| m.trim());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut h = Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION"));
+    if let Ok(exe) = std::env::current_exe() {
+        h.update(exe.to_string_lossy().as_bytes());
+        if let Ok(m) = exe.metadata() {
+            h.update(m.len().to_le_bytes());
+            if let Ok(t) = m.modified() {
+                let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                h.update(since.as_nanos().to_le_bytes());
+            }
+        }
+    }
+    let build: String = h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    // Spaces separate fields in the cache file.
+    format!("{}|{cores}|{build}", model.replace(' ', "_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measures_quickly_and_roundtrips_through_the_cache_text() {
+        let t = Instant::now();
+        let c = Calibration::measure().unwrap();
+        // Debug builds are slower; the release build takes a fraction of this.
+        assert!(t.elapsed().as_secs_f64() < 30.0);
+        assert_eq!(c.levels.len(), AUTO_LEVELS.len());
+        let raw = c.get(Level::Raw).unwrap();
+        let low = c.get(Level::CgLow).unwrap();
+        assert!((raw.ratio - 1.0).abs() < 0.01, "{}", raw.ratio);
+        assert!(low.ratio < 0.3, "{}", low.ratio);
+        assert_eq!(Calibration::parse(&c.to_text()), Some(c));
+        assert!(Calibration::parse("kvwire-calibration 1\nkey x\ncores 2\nlevel raw 1 NaN 1\n").is_none());
+        assert!(Calibration::parse("").is_none());
+    }
+}

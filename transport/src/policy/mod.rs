@@ -1,0 +1,97 @@
+//! Choosing a compression level per block from measured rates (issue 5, parts 3-5).
+//!
+//! - [`model`]: the pure decision — inputs (link rate, codec speeds on both sides, output
+//!   ratio per level, blocks left, quality floor, deadline) -> level. No clock, no IO.
+//! - [`rate`]: the link-rate estimator (an EWMA of completed writes over the time the link was
+//!   busy, corrected for the round trip each idle-to-busy period pays) and the send pacer.
+//! - [`calib`]: this machine's encode/decode throughput per level, measured on the embedded
+//!   real KV sample and cached under the user's cache dir.
+
+pub mod calib;
+pub mod model;
+pub mod rate;
+
+pub use calib::{Calibration, LevelSpeed};
+pub use model::{choose, Choice, LevelCost, PolicyInputs};
+pub use rate::{Pacer, RateEstimator};
+
+use kvwire_codec::Level;
+
+/// The levels `--level auto` chooses among, best quality first (`lmcache` is `cg-default`'s
+/// bins with a slower coder, so never the better choice).
+pub const AUTO_LEVELS: [Level; 5] = [
+    Level::Raw,
+    Level::Q8,
+    Level::CgHigh,
+    Level::CgDefault,
+    Level::CgLow,
+];
+
+/// How the sender picks levels when the policy is on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyOptions {
+    /// Lowest quality allowed (`None`: down to `cg-low`).
+    pub floor: Option<Level>,
+    /// Deadline mode: the highest quality whose predicted finish meets this budget from the
+    /// transfer's start (CacheGen §4); `None`: minimize the time to the last decoded layer.
+    pub deadline: Option<std::time::Duration>,
+    /// Link rate to assume before any measurement, bytes/s (`None`: probe at the start).
+    pub initial_rate: Option<f64>,
+    /// Codec speeds of this machine (`None`: load or measure [`Calibration::cached`]).
+    pub calibration: Option<Calibration>,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        Self {
+            floor: None,
+            deadline: None,
+            initial_rate: None,
+            calibration: None,
+        }
+    }
+}
+
+impl PolicyOptions {
+    /// The candidate levels under the floor, best quality first.
+    ///
+    /// # Errors
+    /// A floor that `auto` does not choose among (`lmcache`).
+    pub fn candidates(&self) -> crate::Result<Vec<Level>> {
+        let floor = self.floor.unwrap_or(Level::CgLow);
+        let Some(last) = AUTO_LEVELS.iter().position(|&l| l == floor) else {
+            return Err(crate::TransportError::Invalid(format!(
+                "--floor {floor}: the policy chooses among {}",
+                AUTO_LEVELS.map(Level::name).join(", ")
+            )));
+        };
+        Ok(AUTO_LEVELS[..=last].to_vec())
+    }
+}
+
+/// What the policy did over one transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PolicySummary {
+    /// Blocks sent per level, indexed by [`Level::code`].
+    pub blocks_per_level: [u32; 6],
+    /// Link rate used for the first decision, bytes/s.
+    pub first_rate: u64,
+    /// Link rate estimate at the end, bytes/s.
+    pub last_rate: u64,
+    /// Round trip measured by the probe, ns.
+    pub rtt_ns: u64,
+    /// Times the chosen level changed from one block to the next.
+    pub switches: u32,
+}
+
+impl PolicySummary {
+    /// "level:count" pairs of the levels used, e.g. `raw:12 q8:468`.
+    pub fn counts(&self) -> String {
+        Level::ALL
+            .iter()
+            .filter(|l| self.blocks_per_level[usize::from(l.code())] > 0)
+            .map(|l| format!("{}:{}", l, self.blocks_per_level[usize::from(l.code())]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}

@@ -1,0 +1,213 @@
+//! The decision, pure: no clock, no IO, only numbers in and a level out.
+//!
+//! Encode, wire and decode run as a pipeline over blocks (the sender encodes block i+1 while
+//! block i is on the wire and block i-1 decodes), so `n` blocks of one level take about
+//!
+//! ```text
+//! T(n) = n * max(e, w, d) + (e + w + d - max(e, w, d))
+//! ```
+//!
+//! where e, w, d are one block's encode, wire and decode times: the slowest stage sets the
+//! pace, the other two are paid once (filling the pipe before the slow stage, draining after
+//! it). e = block bytes / (encode bytes/s per core x sender threads), w = block bytes x ratio /
+//! link bytes/s, d = block bytes / receiver decode bytes/s (the receiver reports its total).
+//! The policy prices every candidate level as if the rest of the transfer used it and picks
+//! the cheapest; in deadline mode the best quality whose T fits the time left.
+
+use kvwire_codec::Level;
+
+/// What one candidate level costs per byte of input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LevelCost {
+    /// The level.
+    pub level: Level,
+    /// Encoded bytes per input byte.
+    pub ratio: f64,
+    /// Sender's encode throughput over all its threads, input bytes/s.
+    pub encode_rate: f64,
+    /// Receiver's decode throughput over all its threads, input bytes/s.
+    pub decode_rate: f64,
+}
+
+/// Everything the decision looks at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyInputs<'a> {
+    /// Candidates allowed by the floor, best quality first.
+    pub levels: &'a [LevelCost],
+    /// Link rate estimate, bytes/s.
+    pub link_rate: f64,
+    /// Input bytes of one block.
+    pub block_bytes: f64,
+    /// Blocks still to send, this one included.
+    pub blocks_left: u64,
+    /// Time left before the deadline, seconds (`None`: no deadline).
+    pub time_left: Option<f64>,
+}
+
+/// A decision and why.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Choice {
+    /// Index into `PolicyInputs::levels`.
+    pub index: usize,
+    /// The level.
+    pub level: Level,
+    /// Predicted seconds until the last block decoded if the rest used this level.
+    pub predicted: f64,
+}
+
+/// Predicted seconds for `n` blocks of `c` (the pipeline model above).
+pub fn predict(c: &LevelCost, link_rate: f64, block_bytes: f64, n: u64) -> f64 {
+    let pos = |r: f64| if r.is_finite() && r > 0.0 { r } else { 1.0 };
+    let e = block_bytes / pos(c.encode_rate);
+    let w = block_bytes * c.ratio.max(0.0) / pos(link_rate);
+    let d = block_bytes / pos(c.decode_rate);
+    let slow = e.max(w).max(d);
+    n as f64 * slow + (e + w + d - slow)
+}
+
+/// Picks the level for the next block; `None` only when `levels` is empty.
+pub fn choose(inp: &PolicyInputs<'_>) -> Option<Choice> {
+    let n = inp.blocks_left.max(1);
+    let priced: Vec<Choice> = inp
+        .levels
+        .iter()
+        .enumerate()
+        .map(|(index, c)| Choice {
+            index,
+            level: c.level,
+            predicted: predict(c, inp.link_rate, inp.block_bytes, n),
+        })
+        .collect();
+    let fastest = priced
+        .iter()
+        .copied()
+        .min_by(|a, b| a.predicted.total_cmp(&b.predicted))?;
+    match inp.time_left {
+        // Best quality first: the first that meets the deadline, else the fastest.
+        Some(left) => Some(
+            priced
+                .iter()
+                .copied()
+                .find(|c| c.predicted <= left)
+                .unwrap_or(fastest),
+        ),
+        None => Some(fastest),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Roughly this machine: q8 is cheap, the entropy-coded levels cost ~0.25 GB/s a core.
+    fn levels(floor: usize) -> Vec<LevelCost> {
+        let all = [
+            (Level::Raw, 1.0, 20e9, 20e9),
+            (Level::Q8, 0.52, 2e9, 3e9),
+            (Level::CgHigh, 0.20, 0.5e9, 0.5e9),
+            (Level::CgDefault, 0.15, 0.5e9, 0.5e9),
+            (Level::CgLow, 0.12, 0.5e9, 0.5e9),
+        ];
+        all[..=floor]
+            .iter()
+            .map(|&(level, ratio, encode_rate, decode_rate)| LevelCost {
+                level,
+                ratio,
+                encode_rate,
+                decode_rate,
+            })
+            .collect()
+    }
+
+    fn pick(levels: &[LevelCost], gbit: f64, deadline: Option<f64>) -> Level {
+        choose(&PolicyInputs {
+            levels,
+            link_rate: gbit * 1e9 / 8.0,
+            block_bytes: 196_608.0,
+            blocks_left: 480,
+            time_left: deadline,
+        })
+        .unwrap()
+        .level
+    }
+
+    #[test]
+    fn raw_on_fast_links() {
+        assert_eq!(pick(&levels(4), 100.0, None), Level::Raw);
+        assert_eq!(pick(&levels(4), 400.0, None), Level::Raw);
+    }
+
+    #[test]
+    fn compression_on_slow_links() {
+        // 0.1 Gbit/s: wire-bound at every level, so the smallest output wins.
+        assert_eq!(pick(&levels(4), 0.1, None), Level::CgLow);
+        // 3 Gbit/s: q8 halves the wire time and encodes faster than the wire.
+        assert_eq!(pick(&levels(4), 3.0, None), Level::Q8);
+        // 1 Gbit/s: the wire at q8 (0.52 / 0.125 GB/s) is slower than cg-low's encode.
+        assert_eq!(pick(&levels(4), 1.0, None), Level::CgLow);
+    }
+
+    #[test]
+    fn never_below_the_floor() {
+        for gbit in [0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0] {
+            for floor in 0..5 {
+                let ls = levels(floor);
+                let got = pick(&ls, gbit, None);
+                assert!(ls.iter().any(|c| c.level == got), "{gbit} {floor} {got}");
+            }
+        }
+        assert_eq!(pick(&levels(1), 0.1, None), Level::Q8);
+        assert_eq!(pick(&levels(0), 0.1, None), Level::Raw);
+    }
+
+    #[test]
+    fn level_gets_no_better_as_the_link_slows() {
+        let ls = levels(4);
+        let rank = |l: Level| ls.iter().position(|c| c.level == l).unwrap();
+        let mut last = 0;
+        for gbit in [400.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.01] {
+            let r = rank(pick(&ls, gbit, None));
+            assert!(r >= last, "{gbit} Gbit/s chose a better level than a faster link");
+            last = r;
+        }
+    }
+
+    #[test]
+    fn deadline_takes_the_best_quality_that_fits() {
+        let ls = levels(4);
+        // 480 blocks of 192 KiB = 94 MB; at 1 Gbit/s raw takes 0.75 s, q8 ~0.4 s,
+        // cg-* ~0.19 s (encode-bound).
+        assert_eq!(pick(&ls, 1.0, Some(10.0)), Level::Raw);
+        assert_eq!(pick(&ls, 1.0, Some(0.5)), Level::Q8);
+        assert_eq!(pick(&ls, 1.0, Some(0.3)), Level::CgHigh);
+        // Nothing fits: the fastest.
+        assert_eq!(pick(&ls, 1.0, Some(0.01)), Level::CgLow);
+    }
+
+    #[test]
+    fn pipeline_model_is_max_plus_fill_and_drain() {
+        let c = LevelCost {
+            level: Level::Q8,
+            ratio: 0.5,
+            encode_rate: 1.0,
+            decode_rate: 4.0,
+        };
+        // e = 1, w = 0.5 / 0.25 = 2, d = 0.25: 10 blocks -> 10 * 2 + 1.25.
+        assert!((predict(&c, 0.25, 1.0, 10) - 21.25).abs() < 1e-9);
+        // Garbage rates do not produce NaN or a panic.
+        let bad = LevelCost {
+            encode_rate: f64::NAN,
+            decode_rate: 0.0,
+            ..c
+        };
+        assert!(predict(&bad, -1.0, 1.0, 3).is_finite());
+        assert!(choose(&PolicyInputs {
+            levels: &[],
+            link_rate: 1.0,
+            block_bytes: 1.0,
+            blocks_left: 1,
+            time_left: None
+        })
+        .is_none());
+    }
+}

@@ -1,0 +1,191 @@
+//! Measuring the link: an estimator fed with completed writes, and the send pacer.
+//!
+//! A write is busy on the link from the moment it is handed to it (or starts waiting for the
+//! pacer) until its completion (the peer has it). The estimator sums the union of those
+//! intervals and the bytes completed in them; each idle-to-busy transition pays one round trip
+//! that is not bandwidth, so a window's rate is bytes / (busy - periods x rtt). Windows of at
+//! least [`RateEstimator::WINDOW`] busy time feed an EWMA, so a rate that moves (another flow,
+//! a lowered `tc` rate) moves the estimate within a few windows.
+
+use std::time::{Duration, Instant};
+
+/// Link-rate estimate of one path.
+#[derive(Debug, Clone)]
+pub struct RateEstimator {
+    rate: Option<f64>,
+    rtt: Duration,
+    covered_until: Option<Instant>,
+    window_bytes: u64,
+    window_busy: Duration,
+    window_periods: u32,
+    samples: u32,
+}
+
+impl RateEstimator {
+    /// Busy time a window gathers before it becomes a sample.
+    pub const WINDOW: Duration = Duration::from_millis(4);
+    /// Weight of a new sample in the average.
+    pub const ALPHA: f64 = 0.5;
+
+    /// An estimator starting from `initial` bytes/s (`None`: nothing known yet).
+    pub const fn new(initial: Option<f64>) -> Self {
+        Self {
+            rate: initial,
+            rtt: Duration::ZERO,
+            covered_until: None,
+            window_bytes: 0,
+            window_busy: Duration::ZERO,
+            window_periods: 0,
+            samples: 0,
+        }
+    }
+
+    /// The round trip to subtract per busy period (the probe measures it).
+    pub fn set_rtt(&mut self, rtt: Duration) {
+        self.rtt = rtt;
+    }
+
+    /// The round trip in use.
+    pub const fn rtt(&self) -> Duration {
+        self.rtt
+    }
+
+    /// Bytes/s, once known.
+    pub const fn rate(&self) -> Option<f64> {
+        self.rate
+    }
+
+    /// Samples taken.
+    pub const fn samples(&self) -> u32 {
+        self.samples
+    }
+
+    /// Sets the estimate outright (a probe's result).
+    pub fn set_rate(&mut self, rate: f64) {
+        if rate.is_finite() && rate > 0.0 {
+            self.rate = Some(rate);
+        }
+    }
+
+    /// A write of `bytes` was busy on the link from `begin` to `end`. Writes are reported
+    /// roughly in the order they started; overlaps count once.
+    pub fn record(&mut self, bytes: u64, begin: Instant, end: Instant) {
+        let end = end.max(begin);
+        match self.covered_until {
+            Some(c) if begin <= c => {
+                if end > c {
+                    self.window_busy += end - c;
+                }
+            }
+            _ => {
+                self.window_busy += end - begin;
+                self.window_periods += 1;
+            }
+        }
+        self.covered_until = Some(self.covered_until.map_or(end, |c| c.max(end)));
+        self.window_bytes += bytes;
+        if self.window_busy >= Self::WINDOW {
+            let latency = self.rtt * self.window_periods;
+            // The round trips can at most explain three quarters of the busy time.
+            let wire = self
+                .window_busy
+                .saturating_sub(latency)
+                .max(self.window_busy / 4);
+            let sample = self.window_bytes as f64 / wire.as_secs_f64();
+            self.rate = Some(match self.rate {
+                Some(r) if self.samples > 0 => r + Self::ALPHA * (sample - r),
+                _ => sample,
+            });
+            self.samples += 1;
+            self.window_bytes = 0;
+            self.window_busy = Duration::ZERO;
+            self.window_periods = 0;
+        }
+    }
+}
+
+/// A token bucket that spaces block writes to `rate` bytes/s (a burst of one block).
+#[derive(Debug)]
+pub struct Pacer {
+    rate: f64,
+    next: Instant,
+}
+
+impl Pacer {
+    /// A pacer at `rate` bytes/s (at least 1).
+    pub fn new(rate: u64) -> Self {
+        Self {
+            rate: rate.max(1) as f64,
+            next: Instant::now(),
+        }
+    }
+
+    /// Reserves the link for `bytes`: returns when the write may start and when the link is
+    /// free again at this rate.
+    pub fn reserve(&mut self, bytes: u64, now: Instant) -> (Instant, Instant) {
+        let start = self.next.max(now);
+        let end = start + Duration::from_secs_f64(bytes as f64 / self.rate);
+        self.next = end;
+        (start, end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_to_back_writes_measure_the_rate() {
+        let mut e = RateEstimator::new(None);
+        let t0 = Instant::now();
+        // 1 MB per ms = 1 GB/s, 10 writes back to back.
+        for i in 0..10u32 {
+            let b = t0 + Duration::from_millis(u64::from(i));
+            e.record(1_000_000, b, b + Duration::from_millis(1));
+        }
+        let r = e.rate().unwrap();
+        assert!((r - 1e9).abs() < 1e7, "{r}");
+    }
+
+    #[test]
+    fn idle_gaps_do_not_lower_the_rate_and_rtt_is_taken_out() {
+        let mut e = RateEstimator::new(None);
+        e.set_rtt(Duration::from_micros(100));
+        let t0 = Instant::now();
+        // Isolated writes: 100 µs round trip + 100 KB at 1 GB/s (100 µs), 5 ms apart.
+        for i in 0..40u64 {
+            let b = t0 + Duration::from_millis(5 * i);
+            e.record(100_000, b, b + Duration::from_micros(200));
+        }
+        let r = e.rate().unwrap();
+        assert!((r - 1e9).abs() < 5e7, "{r}");
+    }
+
+    #[test]
+    fn the_estimate_follows_a_rate_change() {
+        let mut e = RateEstimator::new(Some(1.25e9));
+        let mut t = Instant::now();
+        for _ in 0..50 {
+            e.record(1_000_000, t, t + Duration::from_micros(800));
+            t += Duration::from_micros(800);
+        }
+        assert!(e.rate().unwrap() > 1.2e9);
+        // The link drops to 0.125 GB/s.
+        for _ in 0..20 {
+            e.record(1_000_000, t, t + Duration::from_millis(8));
+            t += Duration::from_millis(8);
+        }
+        let r = e.rate().unwrap();
+        assert!(r < 0.14e9, "{r}");
+    }
+
+    #[test]
+    fn pacer_spaces_writes() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(1_000_000);
+        let (s1, e1) = p.reserve(1000, t0);
+        let (s2, e2) = p.reserve(1000, t0);
+        assert!(s1 >= t0 && e1 == s2);
+        assert_eq!(e2 - s1, Duration::from_millis(2));
+    }
+}
