@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use kvwire_codec::{file, EncodeOptions, KvView, Level};
+use kvwire_transport::policy::{Calibration, PolicyOptions};
 use kvwire_transport::session::{
     send_kv, KvReceiver, KvSender, RecvOptions, RecvSlots, SendOptions,
 };
@@ -67,9 +68,20 @@ pub(crate) struct SendArgs {
     connect: String,
     /// KV file (.safetensors, tensor `kv`).
     input: PathBuf,
-    /// Level: raw, q8, cg-high, cg-default, cg-low, lmcache.
+    /// Level: raw, q8, cg-high, cg-default, cg-low, lmcache, or auto (chosen per block from
+    /// the measured link rate and codec speeds).
     #[arg(long)]
-    level: Level,
+    level: LevelChoice,
+    /// With --level auto: the lowest quality allowed (raw, q8, cg-high, cg-default, cg-low).
+    #[arg(long)]
+    floor: Option<Level>,
+    /// With --level auto: the best quality predicted to have every layer decoded within this
+    /// many milliseconds (CacheGen's deadline mode).
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Pace block writes to this rate (bytes/s, or with a unit: 300mbit, 1gbit, 2.5GB).
+    #[arg(long, value_parser = parse_rate)]
+    pace: Option<u64>,
     /// Tokens per block.
     #[arg(long, default_value_t = 256)]
     chunk_tokens: usize,
@@ -103,19 +115,81 @@ pub(crate) struct RecvArgs {
     link: LinkArgs,
 }
 
+/// `--level`: a fixed level or `auto`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LevelChoice(Option<Level>);
+
+impl std::str::FromStr for LevelChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "auto" {
+            return Ok(Self(None));
+        }
+        s.parse::<Level>()
+            .map(|l| Self(Some(l)))
+            .map_err(|e| format!("{e} (or auto)"))
+    }
+}
+
+/// A rate in bytes/s: a plain number, or with a bit (kbit, mbit, gbit) or byte (KB, MB, GB)
+/// unit, decimal.
+fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+    let lower = s.to_ascii_lowercase();
+    let split = lower
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(lower.len());
+    let (num, unit) = lower.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("not a rate: {s}"))?;
+    let scale = match unit {
+        "" | "b" => 1.0,
+        "kbit" => 1e3 / 8.0,
+        "mbit" => 1e6 / 8.0,
+        "gbit" => 1e9 / 8.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        _ => {
+            return Err(format!(
+                "unknown rate unit in {s} (kbit, mbit, gbit, KB, MB, GB)"
+            ))
+        }
+    };
+    let r = v * scale;
+    if !(r.is_finite() && r >= 1.0 && r < 1e15) {
+        return Err(format!("rate out of range: {s}"));
+    }
+    Ok(r as u64)
+}
+
 pub(crate) fn send(a: &SendArgs) -> Result<()> {
+    if a.level.0.is_some() && (a.floor.is_some() || a.deadline_ms.is_some()) {
+        anyhow::bail!("--floor and --deadline-ms need --level auto");
+    }
     let kv = file::load(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
     let ep = a.link.endpoint()?;
     let conn = ep
         .connect(a.connect.as_str())
         .with_context(|| format!("connecting to {}", a.connect))?;
-    let mut enc = EncodeOptions::level(a.level);
+    let mut enc = EncodeOptions::level(a.level.0.unwrap_or(Level::Raw));
     enc.chunk_tokens = a.chunk_tokens;
+    let policy = match a.level.0 {
+        Some(_) => None,
+        None => Some(PolicyOptions {
+            floor: a.floor,
+            deadline: a.deadline_ms.map(Duration::from_millis),
+            calibration: Some(Calibration::cached().context("calibrating the codec")?),
+            ..PolicyOptions::default()
+        }),
+    };
     let opts = SendOptions {
         threads: a.link.threads,
         timeout: a.link.timeout()?,
+        policy,
+        pace: a.pace,
         ..SendOptions::new(enc)
     };
+    let level_name = a.level.0.map_or("auto".to_string(), |l| l.to_string());
     let st = if a.layer_interval_ms == 0 {
         send_kv(&conn, &kv.cache.view(), &opts).context("sending")?
     } else {
@@ -139,11 +213,23 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
     let spec = kv.cache.spec();
     let fp16 = (spec.shape.elements() * 2) as f64;
     let secs = st.elapsed.as_secs_f64();
+    let policy = st.policy.map(|p| {
+        serde_json::json!({
+            "blocks_per_level": p.counts(),
+            "first_link_gbps": p.first_rate as f64 * 8.0 / 1e9,
+            "last_link_gbps": p.last_rate as f64 * 8.0 / 1e9,
+            "rtt_us": p.rtt_ns as f64 / 1e3,
+            "switches": p.switches,
+            "first_level": Level::from_code(p.first_level).map(|l| l.to_string()),
+            "last_level": Level::from_code(p.last_level).map(|l| l.to_string()),
+        })
+    });
     if a.link.json {
         println!(
             "{}",
             serde_json::json!({
-                "level": a.level.to_string(),
+                "level": level_name,
+                "policy": policy,
                 "fabric": a.link.fabric.name(),
                 "layers": spec.shape.layers,
                 "tokens": spec.shape.tokens,
@@ -162,18 +248,33 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
             "sent {} layers x {} tokens at {}: {} bytes on the wire ({:.2}x smaller than fp16), last layer decoded at the receiver after {:.1} ms, goodput {:.3} GB/s (fp16 bytes delivered per second)",
             spec.shape.layers,
             spec.shape.tokens,
-            a.level,
+            level_name,
             st.wire_bytes,
             fp16 / st.wire_bytes as f64,
             secs * 1e3,
             fp16 / secs / 1e9
         );
+        if let Some(p) = st.policy {
+            println!(
+                "policy: blocks per level {}; link estimate {:.3} Gbit/s at the first block, {:.3} at the last (probe round trip {:.0} µs); {} level switches",
+                p.counts(),
+                p.first_rate as f64 * 8.0 / 1e9,
+                p.last_rate as f64 * 8.0 / 1e9,
+                p.rtt_ns as f64 / 1e3,
+                p.switches
+            );
+        }
     }
     Ok(())
 }
 
 pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
     let ep = a.link.endpoint()?;
+    // Measured (or read from the cache) now, not while a sender waits for our Ready: the
+    // decode speeds reported to a `--level auto` sender come from it.
+    if let Err(e) = Calibration::cached() {
+        eprintln!("warning: codec calibration failed: {e}");
+    }
     let slots = RecvSlots::register(&ep, a.slots, a.slot_size)?;
     let listener = ep
         .listen(a.listen.as_str())
@@ -188,7 +289,12 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
         ..RecvOptions::default()
     };
     let rx = KvReceiver::accept(&conn, &slots, &opts).context("starting the transfer")?;
-    let level = rx.decoder().header().level;
+    let levels = rx.levels();
+    let level = if levels.len() == 1 {
+        levels[0].to_string()
+    } else {
+        "auto".to_string()
+    };
     let (cache, st) = rx.recv_all().context("receiving")?;
     file::save(&a.output, &cache, &HashMap::new())
         .with_context(|| format!("writing {}", a.output.display()))?;
@@ -197,7 +303,7 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "level": level.to_string(),
+                "level": level,
                 "fabric": a.link.fabric.name(),
                 "layers": spec.shape.layers,
                 "tokens": spec.shape.tokens,

@@ -5,6 +5,7 @@
 #   shaped-link.sh up   [--name PREFIX] [--rate RATE] [--delay MS]
 #                       [--burst BYTES] [--limit BYTES] [--gso-segs N]
 #   shaped-link.sh down [--name PREFIX]
+#   shaped-link.sh rate [--name PREFIX] --rate RATE   (re-shape a link that is up)
 #   shaped-link.sh exec a|b [--name PREFIX] -- CMD [ARG...]
 #   shaped-link.sh check [--delay MS]
 #
@@ -31,6 +32,7 @@ usage() {
 usage: shaped-link.sh up   [--name PREFIX] [--rate RATE] [--delay MS]
                            [--burst BYTES] [--limit BYTES] [--gso-segs N]
        shaped-link.sh down [--name PREFIX]
+       shaped-link.sh rate [--name PREFIX] --rate RATE
        shaped-link.sh exec a|b [--name PREFIX] -- CMD [ARG...]
        shaped-link.sh check [--delay MS]
 RATE: <number><bit|kbit|mbit|gbit|tbit> (SI, as tc), default 1gbit.
@@ -300,6 +302,27 @@ do_up() {
     echo "A=$NS_A B=$NS_B ADDR_A=$ADDR_A ADDR_B=$ADDR_B"
 }
 
+# Changes the rate of a link that is up (`tc qdisc change`, connections keep running), with
+# the bucket and queue sizes `up` would pick for the new rate.
+do_rate() {
+    BPS=$(rate_bps "$RATE")
+    local segs=$((GSO_SEGS < 44 ? GSO_SEGS : 44))
+    local min_burst=$(( (segs < 16 ? 16 : segs + 1) * 1514 ))
+    BURST_B=$(( BPS / 8 / 250 ))
+    ((BURST_B >= min_burst)) || BURST_B=$min_burst
+    LIMIT_B=$(( BURST_B + BPS * 5 / 8000 ))
+    local tbf=(tbf rate "${BPS}bit" burst "$BURST_B" limit "$LIMIT_B")
+    local pair
+    for pair in "$NS_A $IF_A" "$NS_B $IF_B"; do
+        set -- $pair
+        ns_exists "$1" || die "no namespace $1 (is the link up?)"
+        # tbf is the root, or netem's child with --delay.
+        tc -n "$1" qdisc change dev "$2" root "${tbf[@]}" >&2 2>/dev/null \
+            || tc -n "$1" qdisc change dev "$2" parent 1:1 handle 10: "${tbf[@]}" >&2 \
+            || die "cannot change the tbf rate on $2 in $1"
+    done
+}
+
 # ---------------------------------------------------------------- check
 
 CHECK_NS=
@@ -379,6 +402,17 @@ case $cmd in
             esac
         done
         do_down
+        ;;
+    rate)
+        while (($# > 0)); do
+            case $1 in
+                --name) need_val "$@"; set_prefix "$2"; shift 2 ;;
+                --rate) need_val "$@"; RATE=$2; shift 2 ;;
+                *) usage ;;
+            esac
+        done
+        derive_names
+        do_rate
         ;;
     exec)
         (($# > 0)) || usage

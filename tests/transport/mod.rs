@@ -3,6 +3,7 @@
 
 mod faults;
 mod link;
+mod policy;
 mod session;
 mod shaped;
 

@@ -14,6 +14,7 @@ mod endpoint;
 mod error;
 mod link;
 pub mod meta;
+pub mod policy;
 pub mod proto;
 mod raw;
 mod region;

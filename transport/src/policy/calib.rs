@@ -16,6 +16,9 @@ use crate::error::Result;
 
 static SAMPLE: &[u8] = include_bytes!("../../../codec/testdata/smollm2-pydoc-256.safetensors");
 
+/// The process's calibration, once loaded or measured.
+static ONCE: OnceLock<Calibration> = OnceLock::new();
+
 /// Largest cache file read back.
 const MAX_FILE: u64 = 16 * 1024;
 
@@ -77,7 +80,9 @@ impl Calibration {
             let mut out = Vec::new();
             let t = Instant::now();
             for b in &blocks {
-                let (_, chunk) = dec.block_header(b).map_err(kvwire_codec::CodecError::from)?;
+                let (_, chunk) = dec
+                    .block_header(b)
+                    .map_err(kvwire_codec::CodecError::from)?;
                 out.resize(dec.chunk_spec(chunk).byte_len(), 0);
                 dec.decode_block_chunk(b, &mut out)?;
             }
@@ -103,7 +108,6 @@ impl Calibration {
     /// # Errors
     /// As [`Self::measure`]. A cache that cannot be written is only logged.
     pub fn cached() -> Result<Self> {
-        static ONCE: OnceLock<Calibration> = OnceLock::new();
         if let Some(c) = ONCE.get() {
             return Ok(c.clone());
         }
@@ -119,7 +123,10 @@ impl Calibration {
         }
         let t = Instant::now();
         let c = Self::measure()?;
-        tracing::info!(ms = t.elapsed().as_millis() as u64, "codec calibration measured");
+        tracing::info!(
+            ms = t.elapsed().as_millis() as u64,
+            "codec calibration measured"
+        );
         if let Some(p) = &path {
             let write = p
                 .parent()
@@ -132,9 +139,18 @@ impl Calibration {
         Ok(ONCE.get_or_init(|| c).clone())
     }
 
+    /// Makes `self` the process's calibration (what [`Self::cached`] returns) without
+    /// touching the cache file, e.g. fixed speeds in tests; false if one was already in use.
+    pub fn install(self) -> bool {
+        ONCE.set(self).is_ok()
+    }
+
     /// The cache file's text.
     pub fn to_text(&self) -> String {
-        let mut s = format!("kvwire-calibration 1\nkey {}\ncores {}\n", self.key, self.cores);
+        let mut s = format!(
+            "kvwire-calibration 1\nkey {}\ncores {}\n",
+            self.key, self.cores
+        );
         for l in &self.levels {
             s += &format!(
                 "level {} {} {} {}\n",
@@ -155,7 +171,7 @@ impl Calibration {
         let mut levels = Vec::new();
         for line in lines {
             let f: Vec<&str> = line.split(' ').collect();
-            let [ "level", name, ratio, enc, dec] = f[..] else {
+            let ["level", name, ratio, enc, dec] = f[..] else {
                 return None;
             };
             let num = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0);
@@ -208,7 +224,10 @@ pub fn machine_key() -> String {
             }
         }
     }
-    let build: String = h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let build: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     // Spaces separate fields in the cache file.
     format!("{}|{cores}|{build}", model.replace(' ', "_"))
 }
@@ -229,7 +248,10 @@ mod tests {
         assert!((raw.ratio - 1.0).abs() < 0.01, "{}", raw.ratio);
         assert!(low.ratio < 0.3, "{}", low.ratio);
         assert_eq!(Calibration::parse(&c.to_text()), Some(c));
-        assert!(Calibration::parse("kvwire-calibration 1\nkey x\ncores 2\nlevel raw 1 NaN 1\n").is_none());
+        assert!(
+            Calibration::parse("kvwire-calibration 1\nkey x\ncores 2\nlevel raw 1 NaN 1\n")
+                .is_none()
+        );
         assert!(Calibration::parse("").is_none());
     }
 }

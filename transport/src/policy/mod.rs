@@ -82,6 +82,10 @@ pub struct PolicySummary {
     pub rtt_ns: u64,
     /// Times the chosen level changed from one block to the next.
     pub switches: u32,
+    /// [`Level::code`] of the first block's level.
+    pub first_level: u8,
+    /// [`Level::code`] of the last block's level.
+    pub last_level: u8,
 }
 
 impl PolicySummary {

@@ -167,7 +167,10 @@ mod tests {
         let mut last = 0;
         for gbit in [400.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.01] {
             let r = rank(pick(&ls, gbit, None));
-            assert!(r >= last, "{gbit} Gbit/s chose a better level than a faster link");
+            assert!(
+                r >= last,
+                "{gbit} Gbit/s chose a better level than a faster link"
+            );
             last = r;
         }
     }

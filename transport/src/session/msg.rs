@@ -7,6 +7,8 @@
 //! | 3 | `Grant` | count u16, then that many slot indices u16: slots the sender may write |
 //! | 4 | `Complete` | blocks decoded u32, receiver's first-block-to-last-decode time in ns u64 |
 //! | 5 | `Abort` | UTF-8 reason |
+//! | 6 | `BeginLevels` | count u8 (1..=8), then per candidate level: length u32 + codec header; each block then starts with a one-byte index into this list |
+//! | 7 | `ReadyRates` | as `Ready`, then count u8 (0..=16) of (level code u8, decode bytes/s u64): the receiver's measured decode speed over all its threads |
 //!
 //! Every message starts with the byte `S` and the tag; parsing checks each length against
 //! the bytes present and the limits here.
@@ -19,6 +21,10 @@ pub const MAX_HEADER_LEN: usize = 64 * 1024;
 pub const MAX_SLOTS: u16 = 256;
 /// Longest abort reason.
 pub const MAX_REASON: usize = 1024;
+/// Most candidate levels a `BeginLevels` announces.
+pub const MAX_LEVELS: usize = 8;
+/// Most decode rates a `ReadyRates` reports.
+pub const MAX_RATES: usize = 16;
 
 /// A session message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +59,23 @@ pub enum SessionMsg {
     Abort {
         /// Why.
         reason: String,
+    },
+    /// Sender -> receiver: a transfer whose blocks may use any of several levels; each
+    /// block starts with one byte, the index of its level's header here.
+    BeginLevels {
+        /// Serialized `kvwire_codec::Header`s, one per candidate level (same spec and chunking).
+        headers: Vec<Vec<u8>>,
+    },
+    /// Receiver -> sender, answering `BeginLevels`: `Ready` plus the receiver's decode speed.
+    ReadyRates {
+        /// The receive region.
+        region: u32,
+        /// Bytes per slot (the largest block accepted, its level byte included).
+        slot_size: u64,
+        /// Slots in the region.
+        slots: u16,
+        /// (level code, input bytes/s decoded over all the receiver's threads).
+        decode_rates: Vec<(u8, u64)>,
     },
 }
 
@@ -94,6 +117,30 @@ impl SessionMsg {
                     end -= 1;
                 }
                 out.extend_from_slice(&reason.as_bytes()[..end]);
+            }
+            Self::BeginLevels { headers } => {
+                out.push(6);
+                out.push(headers.len().min(MAX_LEVELS) as u8);
+                for h in headers.iter().take(MAX_LEVELS) {
+                    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+                    out.extend_from_slice(h);
+                }
+            }
+            Self::ReadyRates {
+                region,
+                slot_size,
+                slots,
+                decode_rates,
+            } => {
+                out.push(7);
+                out.extend_from_slice(&region.to_le_bytes());
+                out.extend_from_slice(&slot_size.to_le_bytes());
+                out.extend_from_slice(&slots.to_le_bytes());
+                out.push(decode_rates.len().min(MAX_RATES) as u8);
+                for (code, rate) in decode_rates.iter().take(MAX_RATES) {
+                    out.push(*code);
+                    out.extend_from_slice(&rate.to_le_bytes());
+                }
             }
         }
         out
@@ -173,6 +220,57 @@ impl SessionMsg {
                         .map_err(|_| bad("abort reason is not UTF-8"))?,
                 }
             }
+            6 => {
+                let (&n, mut rest) = body.split_first().ok_or_else(|| bad("no level count"))?;
+                if n == 0 || usize::from(n) > MAX_LEVELS {
+                    return Err(bad(&format!("{n} levels (1 to {MAX_LEVELS})")));
+                }
+                let mut headers = Vec::with_capacity(usize::from(n));
+                for _ in 0..n {
+                    if rest.len() < 4 {
+                        return Err(bad("truncated level header length"));
+                    }
+                    let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+                    rest = &rest[4..];
+                    if len == 0 || len > MAX_HEADER_LEN || len > rest.len() {
+                        return Err(bad(&format!("level header of {len} bytes")));
+                    }
+                    headers.push(rest[..len].to_vec());
+                    rest = &rest[len..];
+                }
+                if !rest.is_empty() {
+                    return Err(bad("bytes after the level headers"));
+                }
+                Self::BeginLevels { headers }
+            }
+            7 => {
+                if body.len() < 15 {
+                    return Err(bad("short ReadyRates"));
+                }
+                let n = usize::from(body[14]);
+                if n > MAX_RATES {
+                    return Err(bad(&format!("{n} decode rates")));
+                }
+                fixed(15 + 9 * n)?;
+                let slots = u16::from_le_bytes([body[12], body[13]]);
+                if slots == 0 || slots > MAX_SLOTS {
+                    return Err(bad(&format!("{slots} slots (1 to {MAX_SLOTS})")));
+                }
+                Self::ReadyRates {
+                    region: u32::from_le_bytes(body[0..4].try_into().expect("4 bytes")),
+                    slot_size: u64::from_le_bytes(body[4..12].try_into().expect("8 bytes")),
+                    slots,
+                    decode_rates: body[15..]
+                        .chunks_exact(9)
+                        .map(|c| {
+                            (
+                                c[0],
+                                u64::from_le_bytes(c[1..9].try_into().expect("8 bytes")),
+                            )
+                        })
+                        .collect(),
+                }
+            }
             t => return Err(bad(&format!("unknown tag {t}"))),
         })
     }
@@ -236,6 +334,15 @@ mod tests {
             SessionMsg::Abort {
                 reason: "CRC".into(),
             },
+            SessionMsg::BeginLevels {
+                headers: vec![vec![1, 2], vec![3]],
+            },
+            SessionMsg::ReadyRates {
+                region: 1,
+                slot_size: 99,
+                slots: 4,
+                decode_rates: vec![(0, 1 << 40), (4, 250_000_000)],
+            },
         ] {
             assert_eq!(SessionMsg::from_bytes(&m.to_bytes()).unwrap(), m);
         }
@@ -259,6 +366,10 @@ mod tests {
             b"S\x04\0\0",
             b"S\x09",
             b"S\x05\xff",
+            b"S\x06\x00",
+            b"S\x06\x01\x05\x00\x00\x00ab",
+            b"S\x06\x01\x01\x00\x00\x00ab",
+            b"S\x07\0\0\0\0\0\0\0\0\0\0\0\0\x01\x00\x01",
         ] {
             assert!(SessionMsg::from_bytes(b).is_err(), "{b:?}");
         }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvwire_codec::{Decoder, KvCache, KvSpec};
+use kvwire_codec::{Decoder, KvCache, KvSpec, Level};
 
 use super::msg::{BlockImm, SessionMsg, MAX_SLOTS};
 use crate::endpoint::{Connection, Endpoint};
@@ -105,7 +105,10 @@ struct LayerState {
 
 struct Shared {
     conn: Connection,
-    decoder: Decoder,
+    /// One decoder per level of the transfer (`Begin`: one).
+    decoders: Vec<Decoder>,
+    /// Whether each block starts with its level's index (`BeginLevels`).
+    levels_on_wire: bool,
     slots: RecvSlots,
     layers: Vec<Mutex<Option<LayerState>>>,
     decoded: AtomicUsize,
@@ -159,10 +162,11 @@ impl KvReceiver {
     /// Nothing announced within the timeout; a bad codec header; a cache larger than
     /// `max_kv_bytes`; a failed connection.
     pub fn accept(conn: &Connection, slots: &RecvSlots, opts: &RecvOptions) -> Result<Self> {
-        let header = loop {
+        let (headers, levels_on_wire) = loop {
             match conn.poll(opts.timeout)? {
                 Some(Event::Message(m)) => match SessionMsg::from_bytes(&m)? {
-                    SessionMsg::Begin { header } => break header,
+                    SessionMsg::Begin { header } => break (vec![header], false),
+                    SessionMsg::BeginLevels { headers } => break (headers, true),
                     SessionMsg::Abort { reason } => {
                         return Err(TransportError::RemoteAbort(reason))
                     }
@@ -188,16 +192,33 @@ impl KvReceiver {
             }
         };
         let started = Instant::now();
-        let decoder = match Decoder::new(&header) {
-            Ok((d, n)) if n == header.len() => d,
-            Ok(_) => {
-                return Err(refuse(
-                    conn,
-                    TransportError::Protocol("stray bytes after the codec header".into()),
-                ))
+        let mut decoders = Vec::with_capacity(headers.len());
+        for header in &headers {
+            let d = match Decoder::new(header) {
+                Ok((d, n)) if n == header.len() => d,
+                Ok(_) => {
+                    return Err(refuse(
+                        conn,
+                        TransportError::Protocol("stray bytes after the codec header".into()),
+                    ))
+                }
+                Err(e) => return Err(refuse(conn, TransportError::Codec(e.into()))),
+            };
+            // Every level must cut the same cache the same way.
+            if let Some(first) = decoders.first().map(Decoder::header) {
+                let h = d.header();
+                if h.spec != first.spec || h.chunk_tokens != first.chunk_tokens {
+                    return Err(refuse(
+                        conn,
+                        TransportError::Protocol(
+                            "the levels of a transfer differ in shape or chunking".into(),
+                        ),
+                    ));
+                }
             }
-            Err(e) => return Err(refuse(conn, TransportError::Codec(e.into()))),
-        };
+            decoders.push(d);
+        }
+        let decoder = &decoders[0];
         let spec = decoder.header().spec;
         let total_bytes = spec.byte_len() as u64;
         if total_bytes > opts.max_kv_bytes {
@@ -209,13 +230,38 @@ impl KvReceiver {
                 )),
             ));
         }
+        if levels_on_wire && spec.shape.layers >= super::msg::MAX_LAYERS {
+            return Err(refuse(
+                conn,
+                TransportError::Invalid("a multi-level transfer names at most 4095 layers".into()),
+            ));
+        }
         let chunks = decoder.header().chunks();
         let total = spec.shape.layers * chunks;
         let (tx, rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
+        let threads = match opts.threads {
+            0 => thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let ready = if levels_on_wire {
+            SessionMsg::ReadyRates {
+                region: slots.region.0,
+                slot_size: slots.slot_size,
+                slots: slots.slots,
+                decode_rates: decode_rates(&decoders, threads),
+            }
+        } else {
+            SessionMsg::Ready {
+                region: slots.region.0,
+                slot_size: slots.slot_size,
+                slots: slots.slots,
+            }
+        };
         let shared = Arc::new(Shared {
             conn: conn.clone(),
-            decoder,
+            decoders,
+            levels_on_wire,
             slots: slots.clone(),
             layers: (0..spec.shape.layers).map(|_| Mutex::new(None)).collect(),
             decoded: AtomicUsize::new(0),
@@ -227,24 +273,13 @@ impl KvReceiver {
             regrant: Mutex::new(Vec::new()),
             all_decoded: Mutex::new(done_tx),
         });
-        conn.send_msg(
-            &SessionMsg::Ready {
-                region: slots.region.0,
-                slot_size: slots.slot_size,
-                slots: slots.slots,
-            }
-            .to_bytes(),
-        )?;
+        conn.send_msg(&ready.to_bytes())?;
         conn.send_msg(
             &SessionMsg::Grant {
                 slots: (0..slots.slots).collect(),
             }
             .to_bytes(),
         )?;
-        let threads = match opts.threads {
-            0 => thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
         let (job_tx, job_rx) = mpsc::channel::<Notification>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         for i in 0..threads {
@@ -273,12 +308,21 @@ impl KvReceiver {
 
     /// The spec of the cache being received.
     pub fn spec(&self) -> KvSpec {
-        self.shared.decoder.header().spec
+        self.shared.decoders[0].header().spec
     }
 
-    /// The codec header of the transfer.
+    /// The codec header of the transfer (of a multi-level transfer: its first level).
     pub fn decoder(&self) -> &Decoder {
-        &self.shared.decoder
+        &self.shared.decoders[0]
+    }
+
+    /// The levels the sender may use in this transfer.
+    pub fn levels(&self) -> Vec<Level> {
+        self.shared
+            .decoders
+            .iter()
+            .map(|d| d.header().level)
+            .collect()
     }
 
     /// The next layer in order (index, bytes in the cache's layout and dtype), once all its
@@ -419,6 +463,17 @@ fn drive(sh: &Shared, jobs: &Sender<Notification>, all_decoded: &Receiver<()>, t
                 if let Err(e) = check_notify(sh, &n, &mut granted) {
                     sh.fail(e);
                     return;
+                }
+                if sh.levels_on_wire && is_probe(&n) {
+                    // A link probe: nothing to decode, the slot goes straight back.
+                    let slot = n.imm.map_or(0, |i| BlockImm::unpack(i).slot);
+                    granted[usize::from(slot)] = true;
+                    let g = SessionMsg::Grant { slots: vec![slot] };
+                    if let Err(e) = sh.conn.send_msg(&g.to_bytes()) {
+                        sh.fail(e);
+                        return;
+                    }
+                    continue;
                 }
                 landed += 1;
                 let _ = jobs.send(n);
@@ -571,7 +626,22 @@ fn decode_one(
         .to_bytes(),
     )?;
     sh.wire_bytes.fetch_add(block.len(), Ordering::Relaxed);
-    let d = &sh.decoder;
+    let (d, block) = if sh.levels_on_wire {
+        let (&index, rest) = block
+            .split_first()
+            .ok_or_else(|| TransportError::Protocol("an empty block".into()))?;
+        let d = sh.decoders.get(usize::from(index)).ok_or_else(|| {
+            TransportError::Protocol(format!(
+                "block (layer {}, chunk {}) names level {index} of {}",
+                imm.layer,
+                imm.chunk,
+                sh.decoders.len()
+            ))
+        })?;
+        (d, rest)
+    } else {
+        (&sh.decoders[0], &block[..])
+    };
     let (bh, chunk) = d.block_header(block).map_err(|e| TransportError::Block {
         layer: imm.layer,
         chunk: imm.chunk,
@@ -636,4 +706,32 @@ fn decode_one(
             .send(());
     }
     Ok(())
+}
+
+/// A probe write names layer 4095, chunk 4095 (free in multi-level transfers).
+fn is_probe(n: &Notification) -> bool {
+    n.imm
+        .map(BlockImm::unpack)
+        .is_some_and(|i| i.layer == 0xfff && i.chunk == 0xfff)
+}
+
+/// This machine's decode speed per level of the transfer over `threads` threads, from the
+/// cached calibration (measured once if missing); none if calibration fails.
+fn decode_rates(decoders: &[Decoder], threads: usize) -> Vec<(u8, u64)> {
+    let cal = match crate::policy::Calibration::cached() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "no codec calibration; not reporting decode speeds");
+            return Vec::new();
+        }
+    };
+    let threads = threads.min(cal.cores.max(1)) as f64;
+    decoders
+        .iter()
+        .filter_map(|d| {
+            let level = d.header().level;
+            cal.get(level)
+                .map(|s| (level.code(), (s.decode_rate * threads) as u64))
+        })
+        .collect()
 }

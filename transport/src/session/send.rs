@@ -2,18 +2,21 @@
 //! pooled send buffer, and write each into a receive slot the peer granted, while the
 //! calling thread turns completions and grants back into free buffers and slots.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvwire_codec::{EncodeOptions, Encoder, KvSpec, KvView};
+use kvwire_codec::{EncodeOptions, Encoder, KvSpec, KvView, Level};
 
 use super::msg::{BlockImm, SessionMsg, MAX_CHUNKS, MAX_LAYERS};
 use crate::endpoint::Connection;
 use crate::error::{Result, TransportError};
 use crate::link::{Event, SendBuf};
+use crate::policy::{
+    self, Calibration, LevelCost, Pacer, PolicyInputs, PolicyOptions, PolicySummary, RateEstimator,
+};
 use crate::region::RegionId;
 
 /// How to send.
@@ -27,6 +30,12 @@ pub struct SendOptions {
     pub buffers: usize,
     /// Longest wait for the receiver (a grant, the completion).
     pub timeout: Duration,
+    /// Choose the level per block from measured rates (`--level auto`); `None`: every
+    /// block at `encode.level`. `encode.chunk_tokens` and `channel_scale_k` still apply.
+    pub policy: Option<PolicyOptions>,
+    /// Pace block writes to this many bytes/s (a token bucket before each write), to emulate
+    /// a slower link; the rate estimator sees the paced rate.
+    pub pace: Option<u64>,
 }
 
 impl SendOptions {
@@ -37,6 +46,8 @@ impl SendOptions {
             threads: 0,
             buffers: 32,
             timeout: Duration::from_secs(5),
+            policy: None,
+            pace: None,
         }
     }
 }
@@ -54,10 +65,32 @@ pub struct SendStats {
     pub elapsed: Duration,
     /// The receiver's own first-block-to-last-decode time.
     pub receiver_decode: Duration,
+    /// What the policy chose (with [`SendOptions::policy`]).
+    pub policy: Option<PolicySummary>,
 }
 
-/// Encodes block (layer, chunk) into a buffer.
-type EncodeFn<'a> = dyn Fn(usize, usize, &mut Vec<u8>) -> kvwire_codec::Result<()> + Sync + 'a;
+/// Encodes block (layer, chunk) with an encoder into a buffer.
+type EncodeFn<'a> =
+    dyn Fn(&Encoder, usize, usize, &mut Vec<u8>) -> kvwire_codec::Result<()> + Sync + 'a;
+
+/// Immediate of a probe write (layer 4095, chunk 4095; policy transfers name fewer layers).
+const PROBE_IMM_LAYER: u32 = 0xfff;
+/// Bytes of each of the probe's timed writes, and how many.
+const PROBE_WRITE: u64 = 64 * 1024;
+const PROBE_WRITES: usize = 4;
+
+/// The policy's live state.
+struct Live {
+    opts: PolicyOptions,
+    costs: Vec<LevelCost>,
+    /// Observed encoded bytes per input byte, per candidate.
+    ratios: Vec<Option<f64>>,
+    block_bytes: f64,
+    total: u64,
+    decided: u64,
+    last: Option<usize>,
+    summary: PolicySummary,
+}
 
 struct Pool {
     free_slots: VecDeque<u16>,
@@ -66,12 +99,21 @@ struct Pool {
     error: Option<TransportError>,
     /// The receiver's `Complete`, if it came while blocks were still being posted.
     complete: Option<(u32, u64)>,
+    /// Link rate of this transfer's writes.
+    rate: RateEstimator,
+    /// Writes on the link: wr id -> (bytes, busy since, paced until).
+    in_flight: HashMap<u64, (u64, Instant, Instant)>,
+    pacer: Option<Pacer>,
+    live: Option<Live>,
 }
 
 /// One KV transfer being sent; layers may be pushed as a prefill engine produces them.
 pub struct KvSender<'c> {
     conn: &'c Connection,
-    encoder: Encoder,
+    /// One encoder per candidate level (one without a policy), best quality first.
+    encoders: Vec<Encoder>,
+    /// Whether blocks carry a level byte (a `BeginLevels` transfer).
+    levels_on_wire: bool,
     opts: SendOptions,
     region: RegionId,
     slot_size: u64,
@@ -91,21 +133,58 @@ impl<'c> KvSender<'c> {
     /// (4096 layers, 4096 chunks per layer); the receiver aborts, goes silent past the
     /// timeout, or the connection fails.
     pub fn begin(conn: &'c Connection, spec: KvSpec, opts: &SendOptions) -> Result<Self> {
-        let encoder = Encoder::new(spec, &opts.encode)?;
-        let chunks = encoder.header().chunks();
-        if spec.shape.layers > MAX_LAYERS || chunks > MAX_CHUNKS {
+        let levels = match &opts.policy {
+            Some(p) => p.candidates()?,
+            None => vec![opts.encode.level],
+        };
+        let mut encoders = Vec::new();
+        for &level in &levels {
+            let mut e = opts.encode;
+            e.level = level;
+            // Per-channel K scaling does not exist at raw; the other candidates keep it.
+            e.channel_scale_k &= !matches!(level, Level::Raw | Level::Lmcache);
+            encoders.push(Encoder::new(spec, &e)?);
+        }
+        let chunks = encoders[0].header().chunks();
+        // A policy transfer keeps layer 4095 free for the probe's immediate.
+        let max_layers = if opts.policy.is_some() {
+            MAX_LAYERS - 1
+        } else {
+            MAX_LAYERS
+        };
+        if spec.shape.layers > max_layers || chunks > MAX_CHUNKS {
             return Err(TransportError::Invalid(format!(
-                "{} layers of {chunks} chunks: a session names at most {MAX_LAYERS} layers and {MAX_CHUNKS} chunks (raise --chunk-tokens)",
+                "{} layers of {chunks} chunks: a session names at most {max_layers} layers and {MAX_CHUNKS} chunks (raise --chunk-tokens)",
                 spec.shape.layers
             )));
         }
-        let mut header = Vec::new();
-        encoder.write_header(&mut header);
-        let header_len = header.len();
-        conn.send_msg(&SessionMsg::Begin { header }.to_bytes())?;
+        let calibration = match &opts.policy {
+            Some(p) => Some(match &p.calibration {
+                Some(c) => c.clone(),
+                None => Calibration::cached()?,
+            }),
+            None => None,
+        };
+        let headers: Vec<Vec<u8>> = encoders
+            .iter()
+            .map(|e| {
+                let mut h = Vec::new();
+                e.write_header(&mut h);
+                h
+            })
+            .collect();
+        let header_len = headers.iter().map(Vec::len).sum();
+        let begin = if opts.policy.is_some() {
+            SessionMsg::BeginLevels { headers }
+        } else {
+            SessionMsg::Begin {
+                header: headers.into_iter().next().expect("one level"),
+            }
+        };
+        conn.send_msg(&begin.to_bytes())?;
         let started = Instant::now();
         let deadline = started + opts.timeout;
-        let (region, slot_size, slots) = loop {
+        let (region, slot_size, slots, decode_rates) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match conn.poll(left)? {
                 Some(Event::Message(m)) => match SessionMsg::from_bytes(&m)? {
@@ -113,7 +192,13 @@ impl<'c> KvSender<'c> {
                         region,
                         slot_size,
                         slots,
-                    } => break (region, slot_size, slots),
+                    } if opts.policy.is_none() => break (region, slot_size, slots, Vec::new()),
+                    SessionMsg::ReadyRates {
+                        region,
+                        slot_size,
+                        slots,
+                        decode_rates,
+                    } if opts.policy.is_some() => break (region, slot_size, slots, decode_rates),
                     SessionMsg::Abort { reason } => {
                         return Err(TransportError::RemoteAbort(reason))
                     }
@@ -138,10 +223,16 @@ impl<'c> KvSender<'c> {
                 }
             }
         };
-        tracing::debug!(region, slot_size, slots, "receiver ready");
-        Ok(Self {
+        tracing::debug!(region, slot_size, slots, ?decode_rates, "receiver ready");
+        let live = match (&opts.policy, calibration) {
+            (Some(p), Some(cal)) => Some(live_state(p, &cal, &encoders, &decode_rates, opts)),
+            _ => None,
+        };
+        let initial = opts.policy.as_ref().and_then(|p| p.initial_rate);
+        let mut sender = Self {
             conn,
-            encoder,
+            encoders,
+            levels_on_wire: opts.policy.is_some(),
             opts: opts.clone(),
             region: RegionId(region),
             slot_size,
@@ -151,18 +242,169 @@ impl<'c> KvSender<'c> {
                 outstanding: 0,
                 error: None,
                 complete: None,
+                rate: RateEstimator::new(initial),
+                in_flight: HashMap::new(),
+                pacer: opts.pace.map(Pacer::new),
+                live,
             }),
             changed: Condvar::new(),
             started,
             blocks: 0,
             wire_bytes: AtomicUsize::new(header_len),
             next_wr: AtomicUsize::new(0),
-        })
+        };
+        if opts.policy.is_some() && initial.is_none() {
+            sender.probe()?;
+        }
+        Ok(sender)
     }
 
-    /// The codec header of the transfer.
-    pub const fn encoder(&self) -> &Encoder {
-        &self.encoder
+    /// Measures the link before the first block: one one-byte write (the round trip), then
+    /// a few back-to-back writes of [`PROBE_WRITE`] bytes (the rate, less the round trip).
+    /// The receiver gives probe slots back without decoding them.
+    fn probe(&mut self) -> Result<()> {
+        // The smallest of three one-byte round trips: the first also pays thread wake-ups.
+        let mut rtt = Duration::MAX;
+        for _ in 0..3 {
+            rtt = rtt.min(self.probe_round(1, 1)?);
+        }
+        let bytes = PROBE_WRITE.min(self.slot_size);
+        let n = PROBE_WRITES;
+        let t = self.probe_round(bytes, n)?;
+        let wire = t.saturating_sub(rtt).max(t / 4);
+        let rate = (bytes * n as u64) as f64 / wire.as_secs_f64().max(1e-9);
+        let mut p = self.lock();
+        p.rate.set_rtt(rtt);
+        p.rate.set_rate(rate);
+        if let Some(l) = &mut p.live {
+            l.summary.rtt_ns = rtt.as_nanos() as u64;
+        }
+        tracing::debug!(rtt_us = rtt.as_micros() as u64, rate, "link probe");
+        Ok(())
+    }
+
+    /// Posts `n` probe writes of `bytes` each as slots allow; returns the time from the first
+    /// post to the last completion.
+    fn probe_round(&self, bytes: u64, n: usize) -> Result<Duration> {
+        let deadline = Instant::now() + self.opts.timeout;
+        let mut posted = 0;
+        let mut done = 0;
+        let mut first: Option<Instant> = None;
+        let mut wrs = Vec::new();
+        while done < n {
+            while posted < n {
+                let Some(slot) = self.lock().free_slots.pop_front() else {
+                    break;
+                };
+                let mut buf = vec![0u8; bytes as usize];
+                buf[0] = 0xff;
+                self.pace(bytes);
+                first.get_or_insert_with(Instant::now);
+                let wr = self.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
+                wrs.push(wr);
+                self.lock().outstanding += 1;
+                self.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
+                let imm = BlockImm {
+                    slot,
+                    layer: PROBE_IMM_LAYER,
+                    chunk: 0xfff,
+                };
+                self.conn.post_write(
+                    SendBuf::Bytes(buf),
+                    self.region,
+                    u64::from(slot) * self.slot_size,
+                    Some(imm.pack()),
+                    wr,
+                )?;
+                posted += 1;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.conn.poll(left)? {
+                Some(ev) => {
+                    if let Event::WriteDone { wr_id, .. } = &ev {
+                        if wrs.contains(wr_id) {
+                            done += 1;
+                        }
+                    }
+                    self.on_event(ev)?;
+                }
+                None => return Err(TransportError::Timeout(self.opts.timeout, "the link probe")),
+            }
+        }
+        Ok(first.map_or(Duration::ZERO, |f| f.elapsed()))
+    }
+
+    /// Waits for the pacer (if any) to let `bytes` go; returns when the link is free again.
+    fn pace(&self, bytes: u64) -> Option<Instant> {
+        let (start, end) = self.lock().pacer.as_mut()?.reserve(bytes, Instant::now());
+        let now = Instant::now();
+        if start > now {
+            thread::sleep(start - now);
+        }
+        Some(end)
+    }
+
+    /// The policy's level for the next block (index into the encoders).
+    fn decide(&self, layer: usize, chunk: usize) -> usize {
+        let mut p = self.lock();
+        let rate = p.rate.rate();
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let Some(live) = &mut p.live else {
+            return 0;
+        };
+        let costs: Vec<LevelCost> = live
+            .costs
+            .iter()
+            .zip(&live.ratios)
+            .map(|(c, r)| LevelCost {
+                ratio: r.unwrap_or(c.ratio),
+                ..*c
+            })
+            .collect();
+        // Nothing measured (a probe-less start without an initial rate): assume a fast link.
+        let link_rate = rate.unwrap_or(f64::MAX / 4.0);
+        let choice = policy::choose(&PolicyInputs {
+            levels: &costs,
+            link_rate,
+            block_bytes: live.block_bytes,
+            blocks_left: live.total - live.decided,
+            time_left: live.opts.deadline.map(|d| d.as_secs_f64() - elapsed),
+        })
+        .expect("at least one candidate");
+        if live.decided == 0 {
+            live.summary.first_rate = link_rate as u64;
+            live.summary.first_level = choice.level.code();
+        }
+        live.summary.last_rate = link_rate as u64;
+        live.summary.last_level = choice.level.code();
+        live.decided += 1;
+        live.summary.blocks_per_level[usize::from(choice.level.code())] += 1;
+        if live.last.is_some_and(|l| l != choice.index) {
+            live.summary.switches += 1;
+            tracing::info!(layer, chunk, level = %choice.level, link_bps = link_rate, "policy switches level");
+        }
+        live.last = Some(choice.index);
+        tracing::debug!(layer, chunk, level = %choice.level, link_bps = link_rate, predicted_s = choice.predicted, "policy decision");
+        choice.index
+    }
+
+    /// Records an encoded block's size for its level's observed ratio.
+    fn observe_ratio(&self, index: usize, encoded: usize) {
+        if let Some(live) = &mut self.lock().live {
+            let r = encoded as f64 / live.block_bytes.max(1.0);
+            let slot = &mut live.ratios[index];
+            *slot = Some(slot.map_or(r, |old| old + 0.2 * (r - old)));
+        }
+    }
+
+    /// The codec header of the transfer (with a policy: of its best-quality candidate).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoders[0]
+    }
+
+    /// The link-rate estimate so far, bytes/s.
+    pub fn link_rate(&self) -> Option<f64> {
+        self.lock().rate.rate()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -207,9 +449,12 @@ impl<'c> KvSender<'c> {
     /// Handles one connection event on the calling thread.
     fn on_event(&self, ev: Event) -> Result<()> {
         match ev {
-            Event::WriteDone { buf, .. } => {
+            Event::WriteDone { buf, wr_id } => {
                 let mut p = self.lock();
                 p.outstanding -= 1;
+                if let Some((bytes, begin, paced)) = p.in_flight.remove(&wr_id) {
+                    p.rate.record(bytes, begin, paced.max(Instant::now()));
+                }
                 if let SendBuf::Bytes(v) = buf {
                     p.buffers.push(v);
                 }
@@ -264,7 +509,12 @@ impl<'c> KvSender<'c> {
                         })
                     })?;
                 buf.clear();
-                encode(layer, chunk, &mut buf)?;
+                let index = this.decide(layer, chunk);
+                if this.levels_on_wire {
+                    buf.push(index as u8);
+                }
+                encode(&this.encoders[index], layer, chunk, &mut buf)?;
+                this.observe_ratio(index, buf.len());
                 if buf.len() as u64 > this.slot_size {
                     return Err(TransportError::Invalid(format!(
                         "block (layer {layer}, chunk {chunk}) is {} bytes, the receiver's slots hold {} (use smaller chunks)",
@@ -283,6 +533,11 @@ impl<'c> KvSender<'c> {
                 };
                 this.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
                 let wr = this.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
+                let begin = Instant::now();
+                let paced = this.pace(buf.len() as u64).unwrap_or(begin);
+                this.lock()
+                    .in_flight
+                    .insert(wr, (buf.len() as u64, begin, paced));
                 this.conn.post_write(
                     SendBuf::Bytes(buf),
                     this.region,
@@ -343,10 +598,9 @@ impl<'c> KvSender<'c> {
     /// # Errors
     /// As [`Self::begin`], plus codec errors for the view.
     pub fn push_layer(&mut self, layer: usize, layer_view: &KvView<'_>) -> Result<()> {
-        let chunks = self.encoder.header().chunks();
+        let chunks = self.encoders[0].header().chunks();
         let blocks: Vec<(usize, usize)> = (0..chunks).map(|c| (layer, c)).collect();
-        let enc = self.encoder.clone();
-        self.pump(&blocks, &|l, c, out| {
+        self.pump(&blocks, &|enc, l, c, out| {
             enc.encode_layer_block(layer_view, l, c, out)
         })
     }
@@ -357,12 +611,11 @@ impl<'c> KvSender<'c> {
     /// # Errors
     /// As [`Self::push_layer`].
     pub fn push_all(&mut self, view: &KvView<'_>) -> Result<()> {
-        let chunks = self.encoder.header().chunks();
+        let chunks = self.encoders[0].header().chunks();
         let blocks: Vec<(usize, usize)> = (0..view.spec().shape.layers)
             .flat_map(|l| (0..chunks).map(move |c| (l, c)))
             .collect();
-        let enc = self.encoder.clone();
-        self.pump(&blocks, &|l, c, out| enc.encode_block(view, l, c, out))
+        self.pump(&blocks, &|enc, l, c, out| enc.encode_block(view, l, c, out))
     }
 
     /// Waits for the receiver to report every block decoded.
@@ -371,7 +624,8 @@ impl<'c> KvSender<'c> {
     /// The receiver aborted (a block failed its CRC, ...), went silent past the timeout,
     /// counted a different number of blocks, or the connection failed.
     pub fn finish(self) -> Result<SendStats> {
-        let total = self.encoder.header().spec.shape.layers * self.encoder.header().chunks();
+        let h = self.encoders[0].header();
+        let total = h.spec.shape.layers * h.chunks();
         if self.blocks != total {
             let e =
                 TransportError::Invalid(format!("finish after {} of {total} blocks", self.blocks));
@@ -398,12 +652,17 @@ impl<'c> KvSender<'c> {
                         self.blocks
                     )));
                 }
+                let policy = self.lock().live.as_ref().map(|l| l.summary);
+                if let Some(s) = &policy {
+                    tracing::info!(levels = %s.counts(), first_bps = s.first_rate, last_bps = s.last_rate, switches = s.switches, "policy summary");
+                }
                 return Ok(SendStats {
                     blocks: self.blocks,
                     wire_bytes: self.wire_bytes.load(Ordering::Relaxed) as u64,
-                    input_bytes: self.encoder.header().spec.byte_len() as u64,
+                    input_bytes: self.encoders[0].header().spec.byte_len() as u64,
                     elapsed: self.started.elapsed(),
                     receiver_decode: Duration::from_nanos(decode_ns),
+                    policy,
                 });
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -434,4 +693,52 @@ pub fn send_kv(conn: &Connection, view: &KvView<'_>, opts: &SendOptions) -> Resu
     let mut s = KvSender::begin(conn, *view.spec(), opts)?;
     s.push_all(view)?;
     s.finish()
+}
+
+/// The policy's starting state: per candidate, this machine's encode speed times the threads
+/// used, the receiver's reported decode speed (this machine's when it reported none), and the
+/// sample's ratio until blocks of the level have been seen.
+fn live_state(
+    p: &PolicyOptions,
+    cal: &Calibration,
+    encoders: &[Encoder],
+    decode_rates: &[(u8, u64)],
+    opts: &SendOptions,
+) -> Live {
+    let threads = match opts.threads {
+        0 => thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    } as f64;
+    let costs: Vec<LevelCost> = encoders
+        .iter()
+        .map(|e| {
+            let level = e.header().level;
+            let speed = cal.get(level);
+            let reported = decode_rates
+                .iter()
+                .find(|(c, _)| *c == level.code())
+                .map(|&(_, r)| r as f64)
+                .filter(|r| *r > 0.0);
+            LevelCost {
+                level,
+                ratio: speed.map_or(1.0, |s| s.ratio),
+                encode_rate: speed.map_or(1e9, |s| s.encode_rate) * threads,
+                decode_rate: reported
+                    .unwrap_or_else(|| speed.map_or(1e9, |s| s.decode_rate) * cal.cores as f64),
+            }
+        })
+        .collect();
+    let h = encoders[0].header();
+    let total = (h.spec.shape.layers * h.chunks()) as u64;
+    tracing::debug!(?costs, "policy inputs");
+    Live {
+        opts: p.clone(),
+        ratios: vec![None; costs.len()],
+        costs,
+        block_bytes: h.spec.byte_len() as f64 / total.max(1) as f64,
+        total,
+        decided: 0,
+        last: None,
+        summary: PolicySummary::default(),
+    }
 }

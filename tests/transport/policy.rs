@@ -1,0 +1,309 @@
+//! `--level auto`: the policy choosing levels per block over real connections — raw-only
+//! floors arrive bit-exact, slow (paced) links get compressed blocks, deadlines trade quality
+//! for time, and over the two-namespace shaped link a rate lowered with `tc` mid-transfer
+//! makes later blocks switch to a smaller level.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvwire_codec::{EncodeOptions, KvCache, Level};
+use kvwire_tests::{check_within_bound, fixture, fixture_head, kvwire_bin};
+use kvwire_transport::policy::{Calibration, LevelSpeed, PolicyOptions, PolicySummary};
+use kvwire_transport::session::{send_kv, KvReceiver, RecvOptions, RecvSlots, SendOptions};
+use kvwire_transport::{Endpoint, FabricKind};
+
+use super::{config, FABRICS};
+
+/// Fixed codec speeds (per thread) in the shape of a release build here, so the tests do not
+/// depend on how fast a debug build encodes; installed as the process's calibration too (the
+/// receiver reports its decode speeds from it).
+fn calibration() -> Calibration {
+    let speed = |level, ratio, e: f64, d: f64| LevelSpeed {
+        level,
+        ratio,
+        encode_rate: e * 1e6,
+        decode_rate: d * 1e6,
+    };
+    let c = Calibration {
+        key: "test".into(),
+        levels: vec![
+            speed(Level::Raw, 1.0, 5000.0, 8000.0),
+            speed(Level::Q8, 0.51, 600.0, 700.0),
+            speed(Level::CgHigh, 0.20, 200.0, 300.0),
+            speed(Level::CgDefault, 0.15, 200.0, 300.0),
+            speed(Level::CgLow, 0.12, 200.0, 300.0),
+        ],
+        cores: 2,
+    };
+    let _ = c.clone().install();
+    c
+}
+
+fn auto(floor: Option<Level>, pace: Option<u64>, deadline: Option<Duration>) -> SendOptions {
+    let mut e = EncodeOptions::level(Level::Raw);
+    e.chunk_tokens = 64;
+    SendOptions {
+        timeout: Duration::from_secs(10),
+        policy: Some(PolicyOptions {
+            floor,
+            deadline,
+            calibration: Some(calibration()),
+            ..PolicyOptions::default()
+        }),
+        pace,
+        ..SendOptions::new(e)
+    }
+}
+
+/// One transfer over loopback; the received cache and the sender's policy summary.
+fn transfer(fabric: FabricKind, kv: &KvCache, o: &SendOptions) -> (KvCache, PolicySummary) {
+    let cfg = config(fabric);
+    let er = Endpoint::new(cfg.clone()).unwrap();
+    let es = Endpoint::new(cfg).unwrap();
+    let slots = RecvSlots::register(&er, 16, 1 << 20).unwrap();
+    let l = er.listen("127.0.0.1:0").unwrap();
+    let addr = l.local_addr();
+    let t = std::thread::spawn(move || es.connect(addr).unwrap());
+    let rx = l.accept(Duration::from_secs(5)).unwrap();
+    let tx = t.join().unwrap();
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send_kv(&tx, &kv.view(), o));
+        let ro = RecvOptions {
+            timeout: Duration::from_secs(10),
+            ..RecvOptions::default()
+        };
+        let got = KvReceiver::accept(&rx, &slots, &ro).and_then(KvReceiver::recv_all);
+        let sent = sender.join().unwrap();
+        match (got, sent) {
+            (Ok((g, rs)), Ok(st)) => {
+                assert_eq!(st.blocks, rs.blocks);
+                (g, st.policy.expect("a policy transfer has a summary"))
+            }
+            (g, s) => panic!("receiver: {:?}\nsender: {:?}", g.err(), s.err()),
+        }
+    })
+}
+
+fn count(s: &PolicySummary, l: Level) -> u32 {
+    s.blocks_per_level[usize::from(l.code())]
+}
+
+#[test]
+fn a_raw_floor_arrives_bit_exact_over_both_fabrics() {
+    let kv = fixture_head(6);
+    for fabric in FABRICS {
+        let (got, s) = transfer(fabric, &kv, &auto(Some(Level::Raw), Some(20_000_000), None));
+        assert_eq!(count(&s, Level::Raw), 6 * 4, "{fabric:?}: {}", s.counts());
+        assert!(
+            got.bytes() == kv.bytes(),
+            "{fabric:?}: raw must be bit-exact"
+        );
+    }
+}
+
+#[test]
+fn a_slow_paced_link_gets_compressed_blocks_within_their_bounds() {
+    let kv = fixture_head(8);
+    for fabric in FABRICS {
+        // 20 MB/s: raw would take ~80 ms per MB, cg-low a fifth of that on the wire.
+        let (got, s) = transfer(fabric, &kv, &auto(None, Some(20_000_000), None));
+        let compressed =
+            count(&s, Level::CgHigh) + count(&s, Level::CgDefault) + count(&s, Level::CgLow);
+        assert!(compressed * 10 >= 32 * 8, "{fabric:?}: {}", s.counts());
+        // The estimator saw the paced rate, not loopback's (at least 20x faster).
+        assert!(s.last_rate < 60_000_000, "{fabric:?}: {} B/s", s.last_rate);
+        // Each block is within its own level's bound, so within cg-low's, the loosest.
+        check_within_bound(&kv.view(), &got, &EncodeOptions::level(Level::CgLow)).unwrap();
+    }
+}
+
+#[test]
+fn a_floor_is_never_crossed() {
+    let kv = fixture_head(4);
+    let (got, s) = transfer(
+        FabricKind::Tcp,
+        &kv,
+        &auto(Some(Level::Q8), Some(5_000_000), None),
+    );
+    assert_eq!(
+        count(&s, Level::Raw) + count(&s, Level::Q8),
+        16,
+        "{}",
+        s.counts()
+    );
+    assert!(count(&s, Level::Q8) > 0, "{}", s.counts());
+    check_within_bound(&kv.view(), &got, &EncodeOptions::level(Level::Q8)).unwrap();
+}
+
+#[test]
+fn a_deadline_takes_the_best_quality_that_meets_it() {
+    let kv = fixture_head(4);
+    let pace = Some(20_000_000);
+    // 16 blocks of ~49 KB raw at 20 MB/s: ~40 ms. A minute allows raw throughout.
+    let (_, s) = transfer(
+        FabricKind::Tcp,
+        &kv,
+        &auto(None, pace, Some(Duration::from_secs(60))),
+    );
+    assert_eq!(count(&s, Level::Raw), 16, "{}", s.counts());
+    // A millisecond allows nothing: the fastest level, compressed at this rate.
+    let (_, s) = transfer(
+        FabricKind::Tcp,
+        &kv,
+        &auto(None, pace, Some(Duration::from_millis(1))),
+    );
+    assert_eq!(count(&s, Level::Raw), 0, "{}", s.counts());
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("netns/shaped-link.sh")
+}
+
+struct NetnsLink(String);
+
+impl Drop for NetnsLink {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .args(["down", "--name", &self.0])
+            .status();
+    }
+}
+
+/// The fixture stacked `n` times along the layer axis (layers are the outermost dimension in
+/// every layout, so the bytes simply repeat).
+fn stacked(n: usize) -> KvCache {
+    let f = fixture();
+    let mut spec = *f.spec();
+    spec.shape.layers *= n;
+    KvCache::from_bytes(spec, f.bytes().repeat(n)).unwrap()
+}
+
+const ORDER: [&str; 5] = ["raw", "q8", "cg-high", "cg-default", "cg-low"];
+
+#[test]
+fn a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level() {
+    let check = Command::new(script())
+        .arg("check")
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    if !check.status.success() {
+        eprintln!(
+            "SKIPPED a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level: {}",
+            String::from_utf8_lossy(&check.stderr).trim()
+        );
+        return;
+    }
+    let name = format!("kvwp{}", std::process::id());
+    let up = Command::new(script())
+        .args(["up", "--name", &name, "--rate", "2gbit"])
+        .output()
+        .unwrap();
+    let _guard = NetnsLink(name.clone());
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let kv = stacked(4);
+    kvwire_codec::file::save(&input, &kv, &Default::default()).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let cache = dir.path().join("cache");
+    let exec = |side: &str, args: &[&str]| {
+        let mut c = Command::new(script());
+        c.args(["exec", side, "--name", &name, "--"])
+            .arg(kvwire_bin())
+            .args(args)
+            .env("XDG_CACHE_HOME", &cache)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let addr = "192.0.2.2:47350";
+    let recv = exec(
+        "b",
+        &[
+            "recv",
+            "--listen",
+            addr,
+            "-o",
+            out.to_str().unwrap(),
+            "--timeout",
+            "60",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    // The receiver calibrates first (and caches it for the sender: same binary, same CPU).
+    let t = Instant::now();
+    while !cache.join("kvwire/calibration-v1").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the receiver never calibrated"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Layers 10 ms apart, as a prefill engine produces them: the transfer lasts over a second.
+    let send_args = [
+        "send",
+        "--connect",
+        addr,
+        input.to_str().unwrap(),
+        "--level",
+        "auto",
+        "--layer-interval-ms",
+        "10",
+        "--timeout",
+        "60",
+        "--json",
+    ];
+    let send = loop {
+        let child = exec("a", &send_args).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        Command::new(script())
+            .args(["rate", "--name", &name, "--rate", "20mbit"])
+            .status()
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        let refused = String::from_utf8_lossy(&o.stderr).contains("refused");
+        if o.status.success() || !refused || t.elapsed() > Duration::from_secs(60) {
+            break o;
+        }
+        Command::new(script())
+            .args(["rate", "--name", &name, "--rate", "2gbit"])
+            .status()
+            .unwrap();
+    };
+    let ro = recv.wait_with_output().unwrap();
+    assert!(
+        send.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    assert!(
+        ro.status.success(),
+        "recv: {}",
+        String::from_utf8_lossy(&ro.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&send.stdout).unwrap();
+    let p = &j["policy"];
+    let rank = |k: &str| {
+        ORDER
+            .iter()
+            .position(|l| *l == p[k].as_str().unwrap())
+            .unwrap()
+    };
+    eprintln!("{p}");
+    assert!(rank("last_level") > rank("first_level"), "{p}");
+    assert!(p["switches"].as_u64().unwrap() >= 1, "{p}");
+    let (first, last) = (
+        p["first_link_gbps"].as_f64().unwrap(),
+        p["last_link_gbps"].as_f64().unwrap(),
+    );
+    assert!(last < first / 5.0 && last < 0.05, "{p}");
+    let got = kvwire_codec::file::load(&out).unwrap().cache;
+    check_within_bound(&kv.view(), &got, &EncodeOptions::level(Level::CgLow)).unwrap();
+}
