@@ -6,6 +6,8 @@ mod link;
 mod policy;
 mod session;
 mod shaped;
+#[cfg(feature = "verbs")]
+mod verbs;
 
 use std::sync::Arc;
 use std::time::Duration;

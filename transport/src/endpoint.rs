@@ -56,18 +56,48 @@ impl EndpointConfig {
 pub struct Endpoint {
     cfg: Arc<EndpointConfig>,
     regions: RegionTable,
+    #[cfg(feature = "verbs")]
+    device: Option<Arc<crate::verbs::VerbsDevice>>,
 }
 
 impl Endpoint {
-    /// An endpoint with no regions yet.
+    /// An endpoint with no regions yet; for the verbs fabric, on the first RDMA device with
+    /// its port 1 and the GID chosen automatically (see [`Self::with_device`]).
     ///
     /// # Errors
-    /// [`TransportError::Invalid`] for a fabric this build cannot run (verbs) or a bad
-    /// stream count.
+    /// [`TransportError::Invalid`] for a bad stream count, or verbs asked of a build without
+    /// the `verbs` feature; [`TransportError::Verbs`] if no RDMA device can be opened.
     pub fn new(cfg: EndpointConfig) -> Result<Self> {
+        #[cfg(feature = "verbs")]
+        if cfg.fabric == FabricKind::Verbs {
+            return Self::with_device(cfg, &crate::verbs::DeviceSelector::default());
+        }
+        Self::build(cfg)
+    }
+
+    /// A verbs endpoint on the device, port and GID `sel` names.
+    ///
+    /// # Errors
+    /// As [`Self::new`]; [`TransportError::Invalid`] if `cfg.fabric` is not verbs.
+    #[cfg(feature = "verbs")]
+    pub fn with_device(cfg: EndpointConfig, sel: &crate::verbs::DeviceSelector) -> Result<Self> {
+        if cfg.fabric != FabricKind::Verbs {
+            return Err(TransportError::Invalid(format!(
+                "a device was given for the {} fabric",
+                cfg.fabric.name()
+            )));
+        }
+        let dev = crate::verbs::VerbsDevice::open(sel)?;
+        let mut ep = Self::build(cfg)?;
+        ep.device = Some(dev);
+        Ok(ep)
+    }
+
+    fn build(cfg: EndpointConfig) -> Result<Self> {
+        #[cfg(not(feature = "verbs"))]
         if cfg.fabric == FabricKind::Verbs {
             return Err(TransportError::Invalid(
-                "the verbs fabric is not built yet".into(),
+                "this build has no verbs fabric (the `verbs` feature of kvwire-transport)".into(),
             ));
         }
         if cfg.streams == 0 || cfg.streams > crate::proto::handshake::MAX_STREAMS {
@@ -79,6 +109,18 @@ impl Endpoint {
         Ok(Self {
             cfg: Arc::new(cfg),
             regions: RegionTable::default(),
+            #[cfg(feature = "verbs")]
+            device: None,
+        })
+    }
+
+    /// The RDMA device of a verbs endpoint.
+    #[cfg(feature = "verbs")]
+    pub(crate) fn verbs_device(&self) -> Result<&Arc<crate::verbs::VerbsDevice>> {
+        self.device.as_ref().ok_or_else(|| {
+            TransportError::Invalid(
+                "this endpoint has no RDMA device (not the verbs fabric)".into(),
+            )
         })
     }
 

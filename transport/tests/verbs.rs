@@ -221,3 +221,27 @@ fn verbs_bad_rkey_completes_with_an_error() {
         "dst was written"
     );
 }
+
+#[test]
+fn verbs_inline_send_lands_in_a_posted_receive() {
+    let Some(dev) = device("verbs_inline_send_lands_in_a_posted_receive") else {
+        return;
+    };
+    let (a, b) = pair(&dev);
+    let ring = region(&dev, 4096, 0);
+    b.post_recv_into(900, (&ring, 64), 32).unwrap();
+    a.post_send_inline(8, b"0123456789abcdef0123456789abcdef")
+        .unwrap();
+    let s = next(&a);
+    assert_eq!(
+        (s.wr_id, s.kind, s.status),
+        (8, CompletionKind::Send, Ok(()))
+    );
+    let r = next(&b);
+    assert_eq!(
+        (r.wr_id, r.kind, r.byte_len),
+        (900, CompletionKind::Recv, 32),
+        "{r:?}"
+    );
+    assert_eq!(bytes(&ring, 64, 32), b"0123456789abcdef0123456789abcdef");
+}

@@ -179,6 +179,19 @@ pub(crate) struct SocketLink {
     events: Mutex<Receiver<Event>>,
     next_stream: AtomicUsize,
     shm: Option<ShmPath>,
+    #[cfg(feature = "verbs")]
+    verbs: Option<Arc<crate::verbs::VerbsPath>>,
+}
+
+/// The data path of a connection whose payloads do not travel on its sockets.
+pub(crate) enum DataPath {
+    /// Payloads on the TCP data streams.
+    Sockets,
+    /// Shared mappings.
+    Shm(ShmPath),
+    /// RDMA.
+    #[cfg(feature = "verbs")]
+    Verbs(Arc<crate::verbs::VerbsPath>),
 }
 
 impl SocketLink {
@@ -190,7 +203,7 @@ impl SocketLink {
         streams: Vec<TcpStream>,
         timeout: Duration,
         max_in_flight: usize,
-        shm: Option<ShmPath>,
+        path: DataPath,
     ) -> Result<Arc<Self>> {
         let (ev_tx, ev_rx) = mpsc::channel();
         let mut sockets = Vec::with_capacity(streams.len());
@@ -239,8 +252,20 @@ impl SocketLink {
                 .map_err(|e| TransportError::io("spawning a reader thread", e))?;
             writers.push(tx);
         }
-        if let Some(shm) = &shm {
-            shm.start_consumer(shared.clone(), local)?;
+        let mut shm = None;
+        #[cfg(feature = "verbs")]
+        let mut verbs = None;
+        match path {
+            DataPath::Sockets => {}
+            DataPath::Shm(p) => {
+                p.start_consumer(shared.clone(), local)?;
+                shm = Some(p);
+            }
+            #[cfg(feature = "verbs")]
+            DataPath::Verbs(p) => {
+                p.start_poller(shared.clone(), local)?;
+                verbs = Some(p);
+            }
         }
         Ok(Arc::new(Self {
             fabric,
@@ -250,6 +275,8 @@ impl SocketLink {
             events: Mutex::new(ev_rx),
             next_stream: AtomicUsize::new(0),
             shm,
+            #[cfg(feature = "verbs")]
+            verbs,
         }))
     }
 
@@ -321,6 +348,10 @@ impl Link for SocketLink {
         wr_id: u64,
     ) -> Result<()> {
         self.check_open()?;
+        #[cfg(feature = "verbs")]
+        if let Some(v) = &self.verbs {
+            return v.write(&self.shared, buf, dst, offset, imm, wr_id);
+        }
         if let Some(shm) = &self.shm {
             shm.write(&self.shared, &buf, dst, offset, imm)?;
             self.shared.push_local(Event::WriteDone { wr_id, buf });
@@ -335,6 +366,10 @@ impl Link for SocketLink {
 
     fn post_read(&self, src: RegionId, offset: u64, dst: RegionSlice, wr_id: u64) -> Result<()> {
         self.check_open()?;
+        #[cfg(feature = "verbs")]
+        if let Some(v) = &self.verbs {
+            return v.read(&self.shared, src, offset, dst, wr_id);
+        }
         if let Some(shm) = &self.shm {
             shm.read(&self.shared, src, offset, &dst)?;
             self.shared.push_local(Event::ReadDone { wr_id, dst });

@@ -21,7 +21,7 @@ use crate::proto::handshake::{
     close_frame, constant_time_eq, frame, Established, Handshake, Role, TICKET_LEN,
 };
 use crate::shm::ShmPath;
-use link::SocketLink;
+use link::{DataPath, SocketLink};
 
 fn random16() -> Result<[u8; 16]> {
     let mut b = [0u8; 16];
@@ -108,9 +108,18 @@ fn check_fabric(s: &TcpStream, ours: FabricKind, est: &Established) -> Result<()
 
 fn finish(ep: &Endpoint, streams: Vec<TcpStream>, est: Established) -> Result<Connection> {
     let cfg = ep.config();
-    let shm = match cfg.fabric {
-        FabricKind::Shm => Some(ShmPath::setup(&streams[0], &est.peer, cfg.timeout)?),
-        _ => None,
+    let path = match cfg.fabric {
+        FabricKind::Shm => DataPath::Shm(ShmPath::setup(&streams[0], &est.peer, cfg.timeout)?),
+        #[cfg(feature = "verbs")]
+        FabricKind::Verbs => DataPath::Verbs(Arc::new(crate::verbs::VerbsPath::setup(
+            &streams[0],
+            ep.verbs_device()?,
+            ep.regions(),
+            &est.peer,
+            cfg.max_in_flight,
+            cfg.timeout,
+        )?)),
+        _ => DataPath::Sockets,
     };
     let link = SocketLink::start(
         cfg.fabric,
@@ -119,7 +128,7 @@ fn finish(ep: &Endpoint, streams: Vec<TcpStream>, est: Established) -> Result<Co
         streams,
         cfg.timeout,
         cfg.max_in_flight,
-        shm,
+        path,
     )?;
     Ok(link)
 }

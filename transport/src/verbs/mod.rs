@@ -7,13 +7,19 @@
 //! into it) and the device; an [`RcQueuePair`] holds the device and its completion queue.
 //! Every `unsafe` call lives in [`sys`].
 //!
+//! As a fabric (`FabricKind::Verbs`, `Endpoint::with_device`), a connection's payloads move
+//! through [`path`]'s `VerbsPath` while its TCP control connection carries the rest.
+//!
 //! Connection setup is perftest's: each side creates a QP, the two exchange [`QpInfo`]
 //! (QP number, PSN, GID, LID, MTU) over an out-of-band channel, then each moves its QP to
 //! ready-to-send with [`RcQueuePair::connect`].
 
 mod device;
+mod path;
 mod qp;
 mod sys;
 
+pub(crate) use path::VerbsPath;
+
 pub use device::{DeviceSelector, VerbsDevice, VerbsRegion};
-pub use qp::{Completion, CompletionKind, QpInfo, RcQueuePair, RemoteRegion};
+pub use qp::{Completion, CompletionKind, QpInfo, RcQueuePair, RemoteRegion, MAX_INLINE};

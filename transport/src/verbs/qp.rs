@@ -13,7 +13,8 @@ use sideway::ibverbs::completion::{
 };
 use sideway::ibverbs::device_context::Mtu;
 use sideway::ibverbs::queue_pair::{
-    ExtendedQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
+    ExtendedQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState, SetInlineData,
+    WorkRequestFlags,
 };
 use sideway::ibverbs::AccessFlags;
 
@@ -102,6 +103,10 @@ pub enum CompletionKind {
     Read,
     /// A peer's RDMA WRITE WITH IMMEDIATE landed here (consumed one posted receive).
     RecvImm,
+    /// Our SEND finished.
+    Send,
+    /// A peer's SEND landed in one of our posted receives.
+    Recv,
     /// Anything else the device reported.
     Other(u32),
 }
@@ -161,6 +166,9 @@ fn mtu_of(bytes: u32) -> Mtu {
     }
 }
 
+/// Bytes a SEND may carry inline (copied into the work request: no registered buffer).
+pub const MAX_INLINE: u32 = 64;
+
 /// RDMA READs (and atomics) one QP keeps outstanding towards its peer.
 const READ_DEPTH: u8 = 16;
 
@@ -188,6 +196,7 @@ impl RcQueuePair {
             .setup_max_recv_wr(depth)
             .setup_max_send_sge(1)
             .setup_max_recv_sge(1)
+            .setup_max_inline_data(MAX_INLINE)
             .build_ex()
             .map_err(|e| verr(format!("queue pair: {e}")))?;
         let mut attr = QueuePairAttribute::new();
@@ -274,6 +283,52 @@ impl RcQueuePair {
         let _ = g.construct_wr(wr_id);
         g.post()
             .map_err(|e| verr(format!("posting a receive: {e}")))
+    }
+
+    /// Posts a receive into `local` (region, offset) of at most `len` bytes, for a peer's SEND.
+    ///
+    /// # Errors
+    /// [`TransportError::OutOfBounds`] for a range outside the region;
+    /// [`TransportError::Verbs`] if the receive queue is full or the QP failed.
+    pub fn post_recv_into(&self, wr_id: u64, local: (&VerbsRegion, u64), len: u32) -> Result<()> {
+        let (r, off) = local;
+        if off
+            .checked_add(u64::from(len))
+            .is_none_or(|e| e > r.len() as u64)
+        {
+            return Err(TransportError::OutOfBounds(format!(
+                "receive range {off}+{len} outside its {}-byte region",
+                r.len()
+            )));
+        }
+        let mut qp = lock(&self.qp);
+        let mut g = qp.start_post_recv();
+        sys::add_recv(&mut g, wr_id, r.lkey(), r.addr() + off, len);
+        g.post()
+            .map_err(|e| verr(format!("posting a receive: {e}")))
+    }
+
+    /// Posts a SEND of `data` (at most [`MAX_INLINE`] bytes, copied into the request). On an
+    /// RC queue pair it lands after every WRITE posted before it.
+    ///
+    /// # Errors
+    /// [`TransportError::Invalid`] for more than [`MAX_INLINE`] bytes; [`TransportError::Verbs`]
+    /// if the send queue is full or the QP failed.
+    pub fn post_send_inline(&self, wr_id: u64, data: &[u8]) -> Result<()> {
+        if data.len() > MAX_INLINE as usize {
+            return Err(TransportError::Invalid(format!(
+                "{} bytes inline (at most {MAX_INLINE})",
+                data.len()
+            )));
+        }
+        let mut qp = lock(&self.qp);
+        let mut g = qp.start_post_send();
+        // The Inline flag as well: rxe's provider copies the data either way, but its kernel
+        // side reads the flag (without it the SEND fails with a local QP operation error).
+        g.construct_wr(wr_id, WorkRequestFlags::Signaled | WorkRequestFlags::Inline)
+            .setup_send()
+            .setup_inline_data(data);
+        g.post().map_err(|e| verr(format!("posting a send: {e}")))
     }
 
     /// Posts an RDMA WRITE of `len` bytes from `local` (region, offset) to `remote` (region,
@@ -413,6 +468,10 @@ impl RcQueuePair {
                         CompletionKind::Read
                     } else if op == WorkCompletionOperationType::ReceiveWithImmediate as u32 {
                         CompletionKind::RecvImm
+                    } else if op == WorkCompletionOperationType::Send as u32 {
+                        CompletionKind::Send
+                    } else if op == WorkCompletionOperationType::Receive as u32 {
+                        CompletionKind::Recv
                     } else {
                         CompletionKind::Other(op)
                     };
@@ -442,7 +501,7 @@ impl RcQueuePair {
         if !out.is_empty() {
             let mut fl = lock(&self.in_flight);
             for c in &out {
-                if c.kind != CompletionKind::RecvImm {
+                if !matches!(c.kind, CompletionKind::RecvImm | CompletionKind::Recv) {
                     fl.remove(&c.wr_id);
                 }
             }

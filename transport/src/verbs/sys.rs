@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
-use sideway::ibverbs::queue_pair::{PostSendGuard, SetScatterGatherEntry, WorkRequestFlags};
+use sideway::ibverbs::queue_pair::{
+    PostRecvGuard, PostSendGuard, SetScatterGatherEntry, WorkRequestFlags,
+};
 use sideway::ibverbs::AccessFlags;
 
 use crate::error::{Result, TransportError};
@@ -69,4 +71,15 @@ pub(super) fn add_send<G: PostSendGuard>(guard: &mut G, wr: SendWr) {
     // the hardware reads or writes it until the completion, and the owning types keep the
     // region alive that long.
     unsafe { local.setup_sge(lkey, addr, len) };
+}
+
+/// Adds a receive of at most `len` bytes into (`lkey`, `addr`) to `guard`.
+///
+/// The caller has checked that `addr..addr + len` lies inside the live region whose MR has
+/// `lkey`, and keeps that region alive as long as the queue pair may still fill it.
+pub(super) fn add_recv(guard: &mut PostRecvGuard<'_>, wr_id: u64, lkey: u32, addr: u64, len: u32) {
+    let wr = guard.construct_wr(wr_id);
+    // SAFETY: as stated above: a checked range of a registered region that outlives the
+    // receive (the queue pair's owner holds the region for the queue pair's lifetime).
+    unsafe { wr.setup_sge(lkey, addr, len) };
 }
