@@ -4,9 +4,11 @@
 //! may never complete a write to a peer that vanished; see the transport README).
 //!
 //! A write is two work requests on the same QP: the RDMA WRITE of the payload into the peer's
-//! region, then a SEND of a 32-byte descriptor (region, offset, length, immediate). RC delivers
-//! the SEND after the WRITE's data, so the peer's receive completion is its notification, and
-//! our SEND's completion says both landed. A receiver that stops reposting receives (its
+//! region (unsignaled), then a SEND of a 32-byte descriptor (region, offset, length,
+//! immediate), inline and signaled. RC delivers the SEND after the WRITE's data, so the peer's
+//! receive completion is its notification, and our SEND's completion says both landed. (Not
+//! RDMA WRITE WITH IMMEDIATE: its 32 bits cannot name the region and offset a `Link`
+//! notification carries; the descriptor SEND costs the same one receive at the peer.) A receiver that stops reposting receives (its
 //! caller is not taking notifications) makes the sender's SEND wait (receiver-not-ready
 //! retries): back-pressure without extra messages.
 //!
@@ -44,8 +46,6 @@ const RECV_TAG: u64 = 1 << 63;
 const REGION_ENTRY: usize = 4 + 8 + 8 + 4;
 
 enum Pending {
-    /// The payload WRITE of a write whose descriptor SEND completes it.
-    Payload,
     /// The descriptor SEND: the write is done when it completes.
     Write {
         wr_id: u64,
@@ -242,19 +242,16 @@ impl VerbsPath {
         d[8..16].copy_from_slice(&offset.to_le_bytes());
         d[16..24].copy_from_slice(&len.to_le_bytes());
         d[24..28].copy_from_slice(&imm.unwrap_or(0).to_le_bytes());
-        let (pay, desc) = (self.id(), self.id());
-        {
-            let mut p = lock(&self.pending);
-            p.insert(pay, Pending::Payload);
-            p.insert(desc, Pending::Write { wr_id, buf, stage });
-        }
+        // Selective signaling: the payload WRITE completes silently; the SEND after it (in
+        // order on the QP) reports both. `buf` (held in `pending`) keeps the source alive.
+        let desc = self.id();
+        lock(&self.pending).insert(desc, Pending::Write { wr_id, buf, stage });
         let posted = self
             .qp
-            .post_write(pay, (src, src_off), (&remote, offset), len, None)
+            .post_write_unsignaled((src, src_off), (&remote, offset), len)
             .and_then(|()| self.qp.post_send_inline(desc, &d));
         if let Err(e) = posted {
             let mut p = lock(&self.pending);
-            p.remove(&pay);
             if let Some(Pending::Write { stage: Some(s), .. }) = p.remove(&desc) {
                 drop(p);
                 self.free_stage(s);
@@ -317,7 +314,6 @@ impl VerbsPath {
                 }
                 let p = lock(&self.pending).remove(&c.wr_id);
                 match (p, c.kind) {
-                    (Some(Pending::Payload), CompletionKind::Write) => {}
                     (Some(Pending::Write { wr_id, buf, stage }), CompletionKind::Send) => {
                         if let Some(s) = stage {
                             self.free_stage(s);

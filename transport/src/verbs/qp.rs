@@ -192,7 +192,9 @@ impl RcQueuePair {
             .create_qp_builder()
             .setup_send_cq(handle.clone())
             .setup_recv_cq(handle)
-            .setup_max_send_wr(depth)
+            // Twice the signaled requests: each may follow an unsignaled one (selective
+            // signaling), which holds its send-queue slot until the signaled one completes.
+            .setup_max_send_wr(2 * depth)
             .setup_max_recv_wr(depth)
             .setup_max_send_sge(1)
             .setup_max_recv_sge(1)
@@ -347,7 +349,22 @@ impl RcQueuePair {
         len: u64,
         imm: Option<u32>,
     ) -> Result<()> {
-        self.post(wr_id, RemoteOp::Write(imm), local, remote, len)
+        self.post(Some(wr_id), RemoteOp::Write(imm), local, remote, len)
+    }
+
+    /// Posts an RDMA WRITE that produces no completion of its own (selective signaling): it
+    /// retires when a signaled request posted after it completes, and so does its failure.
+    /// The caller posts such a request next and keeps `local`'s region alive until then.
+    ///
+    /// # Errors
+    /// As [`Self::post_write`].
+    pub fn post_write_unsignaled(
+        &self,
+        local: (&VerbsRegion, u64),
+        remote: (&RemoteRegion, u64),
+        len: u64,
+    ) -> Result<()> {
+        self.post(None, RemoteOp::Write(None), local, remote, len)
     }
 
     /// Posts an RDMA READ of `len` bytes from `remote` (region, offset) into `local`.
@@ -361,12 +378,12 @@ impl RcQueuePair {
         remote: (&RemoteRegion, u64),
         len: u64,
     ) -> Result<()> {
-        self.post(wr_id, RemoteOp::Read, local, remote, len)
+        self.post(Some(wr_id), RemoteOp::Read, local, remote, len)
     }
 
     fn post(
         &self,
-        wr_id: u64,
+        wr_id: Option<u64>,
         op: RemoteOp,
         (local, offset): (&VerbsRegion, u64),
         (remote, remote_offset): (&RemoteRegion, u64),
@@ -392,7 +409,7 @@ impl RcQueuePair {
             .addr
             .checked_add(remote_offset)
             .ok_or_else(|| oob("remote", remote_offset, remote.len))?;
-        {
+        if let Some(wr_id) = wr_id {
             let mut fl = lock(&self.in_flight);
             if fl.len() >= self.depth as usize {
                 return Err(TransportError::Invalid(format!(
@@ -411,7 +428,8 @@ impl RcQueuePair {
         sys::add_send(
             &mut g,
             sys::SendWr {
-                wr_id,
+                wr_id: wr_id.unwrap_or(0),
+                signaled: wr_id.is_some(),
                 op,
                 rkey: remote.rkey,
                 remote_addr,
@@ -423,7 +441,9 @@ impl RcQueuePair {
         let r = g.post();
         drop(qp);
         r.map_err(|e| {
-            lock(&self.in_flight).remove(&wr_id);
+            if let Some(id) = wr_id {
+                lock(&self.in_flight).remove(&id);
+            }
             verr(format!("posting a request: {e}"))
         })
     }

@@ -45,9 +45,11 @@ pub(super) struct SendWr {
     pub(super) lkey: u32,
     pub(super) addr: u64,
     pub(super) len: u32,
+    /// Whether it produces a completion (unsignaled ones retire with a later signaled one).
+    pub(super) signaled: bool,
 }
 
-/// Adds `wr`, signaled, to `guard`.
+/// Adds `wr` to `guard`.
 ///
 /// The caller has checked that `wr.addr..wr.addr + wr.len` lies inside the live region whose
 /// MR has `wr.lkey`, and keeps that region alive until the request's completion.
@@ -60,8 +62,14 @@ pub(super) fn add_send<G: PostSendGuard>(guard: &mut G, wr: SendWr) {
         lkey,
         addr,
         len,
+        signaled,
     } = wr;
-    let wr = guard.construct_wr(wr_id, WorkRequestFlags::Signaled);
+    let flags = if signaled {
+        WorkRequestFlags::Signaled
+    } else {
+        WorkRequestFlags::none()
+    };
+    let wr = guard.construct_wr(wr_id, flags);
     let local = match op {
         RemoteOp::Write(None) => wr.setup_write(rkey, remote_addr),
         RemoteOp::Write(Some(imm)) => wr.setup_write_imm(rkey, remote_addr, imm),
