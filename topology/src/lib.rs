@@ -76,6 +76,19 @@ pub fn pcie_distance(a: &PciLocation, b: &PciLocation) -> u32 {
     u32::try_from(hops).unwrap_or(u32::MAX)
 }
 
+/// True when both devices sit under the same PCI host bridge (`pciDDDD:BB` in sysfs), i.e.
+/// traffic between them need not cross the CPU's root complex boundary.
+pub fn same_host_bridge(a: &PciLocation, b: &PciLocation) -> bool {
+    let bridge = |p: &PciLocation| {
+        p.sysfs_path
+            .split('/')
+            .find(|c| c.starts_with("pci"))
+            .map(str::to_string)
+    };
+    let ba = bridge(a);
+    ba.is_some() && ba == bridge(b)
+}
+
 impl Topology {
     /// Discovers the live machine from `/sys` and `/proc`.
     pub fn discover() -> Result<Self, Error> {
@@ -171,15 +184,18 @@ enum Target<'a> {
 }
 
 impl Target<'_> {
-    /// Smaller is nearer: (PCIe distance, 0 if on the same NUMA node else 1).
-    fn key(&self, pci: &PciLocation) -> (u32, u8) {
+    /// Smaller is nearer: (0 under the same host bridge else 1, 0 on the same NUMA node else
+    /// 1, PCIe distance). Across host bridges the path runs through the CPU, so the NUMA node
+    /// matters more than how deep each device happens to sit.
+    fn key(&self, pci: &PciLocation) -> (u8, u8, u32) {
         match self {
             Self::Pci(t) => (
-                pcie_distance(t, pci),
+                u8::from(!same_host_bridge(t, pci)),
                 u8::from(t.numa_node.is_none() || t.numa_node != pci.numa_node),
+                pcie_distance(t, pci),
             ),
-            Self::Node(Some(n)) => (0, u8::from(pci.numa_node != Some(*n))),
-            Self::Node(None) => (0, 0),
+            Self::Node(Some(n)) => (0, u8::from(pci.numa_node != Some(*n)), 0),
+            Self::Node(None) => (0, 0, 0),
         }
     }
 }

@@ -350,14 +350,47 @@ fn is_gpu(class: u32, vendor: u16) -> bool {
     }
 }
 
-/// Orders names by their text, then by a trailing number as a number.
+/// Orders names with their digit runs compared as numbers (`mlx5_2` before `mlx5_10`,
+/// `enp30s0` before `enp158s0`), as people expect.
 fn natural_cmp(a: &str, b: &str) -> Ordering {
-    fn split(s: &str) -> (&str, Option<u64>) {
-        let digits = s.len() - s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-        let (head, tail) = s.split_at(s.len() - digits);
-        (head, tail.parse().ok())
+    fn runs(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
     }
-    let (ha, na) = split(a);
-    let (hb, nb) = split(b);
-    ha.cmp(hb).then(na.cmp(&nb)).then(a.cmp(b))
+    let (ra, rb) = (runs(a), runs(b));
+    for (x, y) in ra.iter().zip(&rb) {
+        let ord = match (x, y) {
+            ((true, dx), (true, dy)) => {
+                let (tx, ty) = (dx.trim_start_matches('0'), dy.trim_start_matches('0'));
+                tx.len().cmp(&ty.len()).then(tx.cmp(ty))
+            }
+            _ => x.1.cmp(y.1),
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    ra.len().cmp(&rb.len()).then(a.cmp(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::natural_cmp;
+    use std::cmp::Ordering;
+
+    #[test]
+    fn natural_order() {
+        assert_eq!(natural_cmp("mlx5_2", "mlx5_10"), Ordering::Less);
+        assert_eq!(natural_cmp("enp30s0np0", "enp158s0np0"), Ordering::Less);
+        assert_eq!(natural_cmp("eth0", "eth0"), Ordering::Equal);
+        assert_eq!(natural_cmp("lo", "eth0"), Ordering::Greater);
+    }
 }

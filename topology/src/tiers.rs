@@ -135,7 +135,10 @@ impl Topology {
         self.nics
             .iter()
             .filter(|n| !n.is_virtual() && n.is_up())
-            .max_by_key(|n| (n.speed_mbps, std::cmp::Reverse(n.name.clone())))
+            .fold(None, |best: Option<&crate::Nic>, n| match best {
+                Some(b) if b.speed_mbps >= n.speed_mbps => best,
+                _ => Some(n),
+            })
             .map(|n| (n.name.clone(), n.speed_mbps.map(|s| s as f64 / 1000.0)))
     }
 }
