@@ -379,3 +379,26 @@ fn safetensors_view(data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(data);
     out
 }
+
+#[test]
+fn cli_verbs_without_rdma_fails_with_a_clear_message() {
+    if Path::new("/sys/class/infiniband").exists() {
+        println!("SKIPPED cli_verbs_without_rdma_fails_with_a_clear_message: this host has RDMA");
+        return;
+    }
+    let out = kvwire(
+        [
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "-o",
+            "/nonexistent/x.safetensors",
+            "--fabric",
+            "verbs",
+        ]
+        .map(OsString::from)
+        .to_vec(),
+    );
+    let msg = assert_clean_error(&out, "recv --fabric verbs without RDMA");
+    assert!(msg.contains("no RDMA support here"), "{msg}");
+}

@@ -56,6 +56,21 @@ fn err(what: impl std::fmt::Display) -> TransportError {
     TransportError::Verbs(what.to_string())
 }
 
+/// An error with its causes (sideway's outer errors do not print the OS error inside).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Bytes of an MTU value.
 pub(super) const fn mtu_bytes(m: Mtu) -> u32 {
     match m {
@@ -79,7 +94,8 @@ impl VerbsDevice {
     pub fn list() -> Result<Vec<String>> {
         let list = DeviceList::new().map_err(|e| {
             err(format!(
-                "no RDMA support here (libibverbs or the kernel's RDMA stack is missing): {e}"
+                "no RDMA support here (libibverbs or the kernel's RDMA stack is missing): {}",
+                chain(&e)
             ))
         })?;
         Ok(list.iter().map(|d| d.name()).collect())
@@ -93,7 +109,8 @@ impl VerbsDevice {
     pub fn open(sel: &DeviceSelector) -> Result<Arc<Self>> {
         let list = DeviceList::new().map_err(|e| {
             err(format!(
-                "no RDMA support here (libibverbs or the kernel's RDMA stack is missing): {e}"
+                "no RDMA support here (libibverbs or the kernel's RDMA stack is missing): {}",
+                chain(&e)
             ))
         })?;
         let dev = match &sel.name {
@@ -109,7 +126,7 @@ impl VerbsDevice {
         let name = dev.name();
         let ctx = dev
             .open()
-            .map_err(|e| err(format!("opening {name}: {e}")))?;
+            .map_err(|e| err(format!("opening {name}: {}", chain(&e))))?;
         let port = sel.port.unwrap_or(1);
         let pa = ctx
             .query_port(port)
