@@ -9,6 +9,7 @@
 
 mod codec_cmd;
 mod eval;
+mod topo_cmd;
 mod wire_cmd;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Cmd {
     Recv(wire_cmd::RecvArgs),
     /// Evaluate every level on an embedded real KV cache (SmolLM2-135M, 256 tokens).
     Demo(codec_cmd::DemoArgs),
+    /// Show the machine's topology: NUMA nodes, NICs, RDMA devices with GIDs, GPUs.
+    Topo(topo_cmd::TopoArgs),
 }
 
 fn main() {
@@ -59,6 +62,7 @@ fn main() {
         Cmd::Send(a) => wire_cmd::send(&a),
         Cmd::Recv(a) => wire_cmd::recv(&a),
         Cmd::Demo(a) => codec_cmd::demo(a),
+        Cmd::Topo(a) => topo_cmd::run(&a),
     };
     if let Err(e) = r {
         eprintln!("kvwire: error: {e:#}");

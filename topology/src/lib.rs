@@ -24,7 +24,7 @@ pub use tiers::{PeerInfo, Tier, TierKind};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The root directory cannot be resolved.
-    #[error("topology root {}: {source}", root.display())]
+    #[error("cannot resolve topology root {}", root.display())]
     Root {
         /// The root given.
         root: PathBuf,
