@@ -7,6 +7,8 @@
 //! ([`pcie_distance`]), the NIC nearest some memory ([`Topology::nearest_nic`]) and the ranked
 //! ways to reach a peer ([`Topology::tiers_to`]). It is a pure model: no networking.
 
+#[cfg(feature = "hwloc")]
+mod hwloc;
 mod model;
 mod parse;
 mod sysfs;
@@ -37,6 +39,10 @@ pub enum Error {
         /// The root given.
         root: PathBuf,
     },
+    /// hwloc failed (feature `hwloc`).
+    #[cfg(feature = "hwloc")]
+    #[error("hwloc: {0}")]
+    Hwloc(String),
 }
 
 /// The discovered machine.
@@ -99,6 +105,15 @@ impl Topology {
     /// recorded one in tests.
     pub fn from_root(root: impl AsRef<Path>) -> Result<Self, Error> {
         sysfs::discover(root.as_ref())
+    }
+
+    /// Discovers the live machine through hwloc 2 (I/O objects on): NUMA nodes, CPU sets,
+    /// network and OpenFabrics devices with their PCI placement, and GPUs come from hwloc;
+    /// link speeds, RDMA ports and GIDs (which hwloc does not report) from sysfs. Returns the
+    /// same model as [`Topology::discover`].
+    #[cfg(feature = "hwloc")]
+    pub fn from_hwloc() -> Result<Self, Error> {
+        hwloc::discover()
     }
 
     /// Every CPU of every node, ascending.

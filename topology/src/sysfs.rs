@@ -339,7 +339,7 @@ impl Reader {
 /// PCI class 0x0302 (3D controller: NVIDIA datacenter GPUs) from any vendor, 0x0300 (VGA)
 /// only from NVIDIA and AMD (so a VM's virtual VGA or an integrated Intel chip does not count),
 /// and 0x1200 (processing accelerator, AMD Instinct) from AMD.
-fn is_gpu(class: u32, vendor: u16) -> bool {
+pub(crate) fn is_gpu(class: u32, vendor: u16) -> bool {
     const NVIDIA: u16 = 0x10de;
     const AMD: u16 = 0x1002;
     match class >> 8 {
