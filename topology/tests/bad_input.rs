@@ -1,10 +1,10 @@
-//! Broken trees: garbage values give a skipped field and a warning, bad roots a clear error;
-//! nothing panics.
+//! Modified copies of the recorded trees: garbage values give a skipped field and a warning,
+//! bad roots a clear error, nothing panics; and an InfiniBand variant of the H100 node.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kvwire_topology::{Error, Topology};
+use kvwire_topology::{Error, LinkLayer, PeerInfo, TierKind, Topology};
 
 /// A private copy of a recorded tree (symlinks kept), removed on drop.
 struct Scratch(PathBuf);
@@ -102,4 +102,31 @@ fn a_root_without_sysfs_is_a_clear_error() {
     assert!(e.to_string().contains("has no sys/ directory"), "{e}");
     let e = Topology::from_root("/nonexistent/kvwire-topo").unwrap_err();
     assert!(matches!(e, Error::Root { .. }), "{e}");
+}
+
+#[test]
+fn an_infiniband_port_gives_an_ib_tier_and_gid_index_0() {
+    let s = scratch("h100-8gpu", "ib");
+    let port = s.0.join(
+        "sys/devices/pci0000:4d/0000:4d:01.0/0000:4e:00.0/0000:4f:01.0/0000:51:00.0/infiniband/mlx5_2/ports/1",
+    );
+    fs::write(port.join("link_layer"), "InfiniBand\n").unwrap();
+    fs::write(port.join("rate"), "800 Gb/sec (4X XDR)\n").unwrap();
+    let t = Topology::from_root(&s.0).unwrap();
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    let p = &t.rdma_device("mlx5_2").unwrap().ports[0];
+    assert_eq!(p.link_layer, Some(LinkLayer::InfiniBand));
+    assert_eq!(p.preferred_gid().unwrap().index, 0);
+    let peer = PeerInfo {
+        infiniband_gbps: Some(400.0),
+        roce_gbps: Some(400.0),
+        tcp_gbps: Some(1.0),
+        ..PeerInfo::default()
+    };
+    let tiers = t.tiers_to(&peer);
+    let kinds: Vec<TierKind> = tiers.iter().map(|t| t.kind).collect();
+    // IB and RoCE both 400 (the peer's limit): IB first on the tie; TCP limited to 1.
+    assert_eq!(kinds, [TierKind::InfiniBand, TierKind::Roce, TierKind::Tcp]);
+    assert_eq!(tiers[0].local_device.as_deref(), Some("mlx5_2:1"));
+    assert_eq!(tiers[2].nominal_gbps, Some(1.0));
 }
