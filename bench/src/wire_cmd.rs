@@ -111,6 +111,10 @@ pub(crate) struct RecvArgs {
     /// Seconds to wait for the sender to connect.
     #[arg(long, default_value_t = 60.0)]
     accept_timeout: f64,
+    /// Load (or measure, once per build and CPU) the codec calibration before listening, so
+    /// a `--level auto` sender does not wait for it.
+    #[arg(long)]
+    calibrate: bool,
     #[command(flatten)]
     link: LinkArgs,
 }
@@ -156,7 +160,7 @@ fn parse_rate(s: &str) -> std::result::Result<u64, String> {
         }
     };
     let r = v * scale;
-    if !(r.is_finite() && r >= 1.0 && r < 1e15) {
+    if !(1.0..1e15).contains(&r) {
         return Err(format!("rate out of range: {s}"));
     }
     Ok(r as u64)
@@ -220,6 +224,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
             "last_link_gbps": p.last_rate as f64 * 8.0 / 1e9,
             "rtt_us": p.rtt_ns as f64 / 1e3,
             "switches": p.switches,
+            "shared_cpu": p.shared_cpu,
             "first_level": Level::from_code(p.first_level).map(|l| l.to_string()),
             "last_level": Level::from_code(p.last_level).map(|l| l.to_string()),
         })
@@ -270,10 +275,10 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
 
 pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
     let ep = a.link.endpoint()?;
-    // Measured (or read from the cache) now, not while a sender waits for our Ready: the
-    // decode speeds reported to a `--level auto` sender come from it.
-    if let Err(e) = Calibration::cached() {
-        eprintln!("warning: codec calibration failed: {e}");
+    // With --calibrate, measured (or read from the cache) now rather than while a sender waits
+    // for our Ready: the decode speeds reported to a `--level auto` sender come from it.
+    if a.calibrate {
+        Calibration::cached().context("calibrating the codec")?;
     }
     let slots = RecvSlots::register(&ep, a.slots, a.slot_size)?;
     let listener = ep

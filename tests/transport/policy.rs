@@ -106,13 +106,13 @@ fn a_raw_floor_arrives_bit_exact_over_both_fabrics() {
 fn a_slow_paced_link_gets_compressed_blocks_within_their_bounds() {
     let kv = fixture_head(8);
     for fabric in FABRICS {
-        // 20 MB/s: raw would take ~80 ms per MB, cg-low a fifth of that on the wire.
-        let (got, s) = transfer(fabric, &kv, &auto(None, Some(20_000_000), None));
+        // 2 MB/s: the wire is the bottleneck at every level, even with a debug build's encoder.
+        let (got, s) = transfer(fabric, &kv, &auto(None, Some(2_000_000), None));
         let compressed =
             count(&s, Level::CgHigh) + count(&s, Level::CgDefault) + count(&s, Level::CgLow);
         assert!(compressed * 10 >= 32 * 8, "{fabric:?}: {}", s.counts());
-        // The estimator saw the paced rate, not loopback's (at least 20x faster).
-        assert!(s.last_rate < 60_000_000, "{fabric:?}: {} B/s", s.last_rate);
+        // The estimator saw the paced rate, not loopback's (far faster).
+        assert!(s.last_rate < 6_000_000, "{fabric:?}: {} B/s", s.last_rate);
         // Each block is within its own level's bound, so within cg-low's, the loosest.
         check_within_bound(&kv.view(), &got, &EncodeOptions::level(Level::CgLow)).unwrap();
     }
@@ -147,7 +147,9 @@ fn a_deadline_takes_the_best_quality_that_meets_it() {
         &auto(None, pace, Some(Duration::from_secs(60))),
     );
     assert_eq!(count(&s, Level::Raw), 16, "{}", s.counts());
-    // A millisecond allows nothing: the fastest level, compressed at this rate.
+    // A millisecond allows nothing: the fastest level, compressed at 2 MB/s (where even a
+    // debug build's encoder outruns the wire).
+    let pace = Some(2_000_000);
     let (_, s) = transfer(
         FabricKind::Tcp,
         &kv,
@@ -227,6 +229,7 @@ fn a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level() {
         "b",
         &[
             "recv",
+            "--calibrate",
             "--listen",
             addr,
             "-o",

@@ -203,6 +203,16 @@ pub fn cache_path() -> Option<PathBuf> {
     Some(base.join("kvwire").join("calibration-v1"))
 }
 
+/// This machine's identity for this boot (a hash of the kernel's boot id), 0 if unknown:
+/// two endpoints with the same id share one machine's cores, so their codec stages compete.
+pub fn host_id() -> u64 {
+    let Ok(id) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+        return 0;
+    };
+    let h = Sha256::digest(id.trim().as_bytes());
+    u64::from_le_bytes(h[..8].try_into().expect("8 bytes")).max(1)
+}
+
 /// CPU model and core count, and the build: changes to either invalidate the cache.
 pub fn machine_key() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

@@ -28,7 +28,7 @@ pub const AUTO_LEVELS: [Level; 5] = [
 ];
 
 /// How the sender picks levels when the policy is on.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct PolicyOptions {
     /// Lowest quality allowed (`None`: down to `cg-low`).
     pub floor: Option<Level>,
@@ -39,17 +39,6 @@ pub struct PolicyOptions {
     pub initial_rate: Option<f64>,
     /// Codec speeds of this machine (`None`: load or measure [`Calibration::cached`]).
     pub calibration: Option<Calibration>,
-}
-
-impl Default for PolicyOptions {
-    fn default() -> Self {
-        Self {
-            floor: None,
-            deadline: None,
-            initial_rate: None,
-            calibration: None,
-        }
-    }
 }
 
 impl PolicyOptions {
@@ -86,6 +75,8 @@ pub struct PolicySummary {
     pub first_level: u8,
     /// [`Level::code`] of the last block's level.
     pub last_level: u8,
+    /// The receiver reported this machine's host id: the codec stages shared its cores.
+    pub shared_cpu: bool,
 }
 
 impl PolicySummary {

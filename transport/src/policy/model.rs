@@ -42,6 +42,9 @@ pub struct PolicyInputs<'a> {
     pub blocks_left: u64,
     /// Time left before the deadline, seconds (`None`: no deadline).
     pub time_left: Option<f64>,
+    /// Sender and receiver run on one machine's cores: encode and decode compete, so their
+    /// stage is e + d rather than two stages of their own.
+    pub shared_cpu: bool,
 }
 
 /// A decision and why.
@@ -55,14 +58,19 @@ pub struct Choice {
     pub predicted: f64,
 }
 
-/// Predicted seconds for `n` blocks of `c` (the pipeline model above).
-pub fn predict(c: &LevelCost, link_rate: f64, block_bytes: f64, n: u64) -> f64 {
+/// Predicted seconds for `n` blocks of `c` (the pipeline model above; with `shared_cpu` the
+/// stages are e + d and w).
+pub fn predict(c: &LevelCost, link_rate: f64, block_bytes: f64, n: u64, shared_cpu: bool) -> f64 {
     let pos = |r: f64| if r.is_finite() && r > 0.0 { r } else { 1.0 };
     let e = block_bytes / pos(c.encode_rate);
     let w = block_bytes * c.ratio.max(0.0) / pos(link_rate);
     let d = block_bytes / pos(c.decode_rate);
-    let slow = e.max(w).max(d);
-    n as f64 * slow + (e + w + d - slow)
+    let slow = if shared_cpu {
+        (e + d).max(w)
+    } else {
+        e.max(w).max(d)
+    };
+    n as f64 * slow + (e + w + d - slow).max(0.0)
 }
 
 /// Picks the level for the next block; `None` only when `levels` is empty.
@@ -75,7 +83,7 @@ pub fn choose(inp: &PolicyInputs<'_>) -> Option<Choice> {
         .map(|(index, c)| Choice {
             index,
             level: c.level,
-            predicted: predict(c, inp.link_rate, inp.block_bytes, n),
+            predicted: predict(c, inp.link_rate, inp.block_bytes, n, inp.shared_cpu),
         })
         .collect();
     let fastest = priced
@@ -126,6 +134,7 @@ mod tests {
             block_bytes: 196_608.0,
             blocks_left: 480,
             time_left: deadline,
+            shared_cpu: false,
         })
         .unwrap()
         .level
@@ -196,20 +205,24 @@ mod tests {
             decode_rate: 4.0,
         };
         // e = 1, w = 0.5 / 0.25 = 2, d = 0.25: 10 blocks -> 10 * 2 + 1.25.
-        assert!((predict(&c, 0.25, 1.0, 10) - 21.25).abs() < 1e-9);
+        assert!((predict(&c, 0.25, 1.0, 10, false) - 21.25).abs() < 1e-9);
+        // Sharing cores: encode + decode (1.25) is one stage, the wire (2) still the slowest.
+        assert!((predict(&c, 0.25, 1.0, 10, true) - 21.25).abs() < 1e-9);
+        assert!((predict(&c, 1.0, 1.0, 10, true) - 13.0).abs() < 1e-9);
         // Garbage rates do not produce NaN or a panic.
         let bad = LevelCost {
             encode_rate: f64::NAN,
             decode_rate: 0.0,
             ..c
         };
-        assert!(predict(&bad, -1.0, 1.0, 3).is_finite());
+        assert!(predict(&bad, -1.0, 1.0, 3, false).is_finite());
         assert!(choose(&PolicyInputs {
             levels: &[],
             link_rate: 1.0,
             block_bytes: 1.0,
             blocks_left: 1,
-            time_left: None
+            time_left: None,
+            shared_cpu: false,
         })
         .is_none());
     }

@@ -2,8 +2,12 @@
 //!
 //! A write is busy on the link from the moment it is handed to it (or starts waiting for the
 //! pacer) until its completion (the peer has it). The estimator sums the union of those
-//! intervals and the bytes completed in them; each idle-to-busy transition pays one round trip
-//! that is not bandwidth, so a window's rate is bytes / (busy - periods x rtt). Windows of at
+//! intervals and the bytes completed in them, but only for writes that queued behind another
+//! one (or behind the pacer): a write posted to an idle link measures mostly the round trip
+//! and the scheduling of both ends, which on a loaded machine says nothing of the link's rate
+//! (when encoding is the bottleneck, every write finds the link idle and the rate cannot be
+//! seen; the last estimate stands). Each idle-to-busy transition that is counted pays one
+//! round trip, so a window's rate is bytes / (busy - periods x rtt). Windows of at
 //! least [`RateEstimator::WINDOW`] busy time feed an EWMA, so a rate that moves (another flow,
 //! a lowered `tc` rate) moves the estimate within a few windows.
 
@@ -67,10 +71,15 @@ impl RateEstimator {
         }
     }
 
-    /// A write of `bytes` was busy on the link from `begin` to `end`. Writes are reported
-    /// roughly in the order they started; overlaps count once.
-    pub fn record(&mut self, bytes: u64, begin: Instant, end: Instant) {
+    /// A write of `bytes` was busy on the link from `begin` to `end`; `queued`: it was posted
+    /// while another write was in flight or the pacer held it (only those are samples).
+    /// Writes are reported roughly in the order they started; overlaps count once.
+    pub fn record(&mut self, bytes: u64, begin: Instant, end: Instant, queued: bool) {
         let end = end.max(begin);
+        if !queued {
+            self.covered_until = Some(self.covered_until.map_or(end, |c| c.max(end)));
+            return;
+        }
         match self.covered_until {
             Some(c) if begin <= c => {
                 if end > c {
@@ -141,7 +150,7 @@ mod tests {
         // 1 MB per ms = 1 GB/s, 10 writes back to back.
         for i in 0..10u32 {
             let b = t0 + Duration::from_millis(u64::from(i));
-            e.record(1_000_000, b, b + Duration::from_millis(1));
+            e.record(1_000_000, b, b + Duration::from_millis(1), true);
         }
         let r = e.rate().unwrap();
         assert!((r - 1e9).abs() < 1e7, "{r}");
@@ -155,7 +164,7 @@ mod tests {
         // Isolated writes: 100 µs round trip + 100 KB at 1 GB/s (100 µs), 5 ms apart.
         for i in 0..40u64 {
             let b = t0 + Duration::from_millis(5 * i);
-            e.record(100_000, b, b + Duration::from_micros(200));
+            e.record(100_000, b, b + Duration::from_micros(200), true);
         }
         let r = e.rate().unwrap();
         assert!((r - 1e9).abs() < 5e7, "{r}");
@@ -166,13 +175,13 @@ mod tests {
         let mut e = RateEstimator::new(Some(1.25e9));
         let mut t = Instant::now();
         for _ in 0..50 {
-            e.record(1_000_000, t, t + Duration::from_micros(800));
+            e.record(1_000_000, t, t + Duration::from_micros(800), true);
             t += Duration::from_micros(800);
         }
         assert!(e.rate().unwrap() > 1.2e9);
         // The link drops to 0.125 GB/s.
         for _ in 0..20 {
-            e.record(1_000_000, t, t + Duration::from_millis(8));
+            e.record(1_000_000, t, t + Duration::from_millis(8), true);
             t += Duration::from_millis(8);
         }
         let r = e.rate().unwrap();

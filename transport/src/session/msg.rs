@@ -8,7 +8,7 @@
 //! | 4 | `Complete` | blocks decoded u32, receiver's first-block-to-last-decode time in ns u64 |
 //! | 5 | `Abort` | UTF-8 reason |
 //! | 6 | `BeginLevels` | count u8 (1..=8), then per candidate level: length u32 + codec header; each block then starts with a one-byte index into this list |
-//! | 7 | `ReadyRates` | as `Ready`, then count u8 (0..=16) of (level code u8, decode bytes/s u64): the receiver's measured decode speed over all its threads |
+//! | 7 | `ReadyRates` | as `Ready`, then host id u64 (0: unknown; equal ids: both ends share one machine's cores), then count u8 (0..=16) of (level code u8, decode bytes/s u64): the receiver's measured decode speed over all its threads |
 //!
 //! Every message starts with the byte `S` and the tag; parsing checks each length against
 //! the bytes present and the limits here.
@@ -74,6 +74,9 @@ pub enum SessionMsg {
         slot_size: u64,
         /// Slots in the region.
         slots: u16,
+        /// The receiver's host (a hash of the kernel's boot id; 0: unknown): a sender with
+        /// the same id shares its cores with the receiver.
+        host: u64,
         /// (level code, input bytes/s decoded over all the receiver's threads).
         decode_rates: Vec<(u8, u64)>,
     },
@@ -130,12 +133,14 @@ impl SessionMsg {
                 region,
                 slot_size,
                 slots,
+                host,
                 decode_rates,
             } => {
                 out.push(7);
                 out.extend_from_slice(&region.to_le_bytes());
                 out.extend_from_slice(&slot_size.to_le_bytes());
                 out.extend_from_slice(&slots.to_le_bytes());
+                out.extend_from_slice(&host.to_le_bytes());
                 out.push(decode_rates.len().min(MAX_RATES) as u8);
                 for (code, rate) in decode_rates.iter().take(MAX_RATES) {
                     out.push(*code);
@@ -244,14 +249,14 @@ impl SessionMsg {
                 Self::BeginLevels { headers }
             }
             7 => {
-                if body.len() < 15 {
+                if body.len() < 23 {
                     return Err(bad("short ReadyRates"));
                 }
-                let n = usize::from(body[14]);
+                let n = usize::from(body[22]);
                 if n > MAX_RATES {
                     return Err(bad(&format!("{n} decode rates")));
                 }
-                fixed(15 + 9 * n)?;
+                fixed(23 + 9 * n)?;
                 let slots = u16::from_le_bytes([body[12], body[13]]);
                 if slots == 0 || slots > MAX_SLOTS {
                     return Err(bad(&format!("{slots} slots (1 to {MAX_SLOTS})")));
@@ -260,7 +265,8 @@ impl SessionMsg {
                     region: u32::from_le_bytes(body[0..4].try_into().expect("4 bytes")),
                     slot_size: u64::from_le_bytes(body[4..12].try_into().expect("8 bytes")),
                     slots,
-                    decode_rates: body[15..]
+                    host: u64::from_le_bytes(body[14..22].try_into().expect("8 bytes")),
+                    decode_rates: body[23..]
                         .chunks_exact(9)
                         .map(|c| {
                             (
@@ -341,6 +347,7 @@ mod tests {
                 region: 1,
                 slot_size: 99,
                 slots: 4,
+                host: 7,
                 decode_rates: vec![(0, 1 << 40), (4, 250_000_000)],
             },
         ] {
@@ -370,6 +377,7 @@ mod tests {
             b"S\x06\x01\x05\x00\x00\x00ab",
             b"S\x06\x01\x01\x00\x00\x00ab",
             b"S\x07\0\0\0\0\0\0\0\0\0\0\0\0\x01\x00\x01",
+            b"S\x07\0\0\0\0\0\0\0\0\0\0\0\0\x01\x00\0\0\0\0\0\0\0\0\x01",
         ] {
             assert!(SessionMsg::from_bytes(b).is_err(), "{b:?}");
         }

@@ -249,6 +249,7 @@ impl KvReceiver {
                 region: slots.region.0,
                 slot_size: slots.slot_size,
                 slots: slots.slots,
+                host: crate::policy::calib::host_id(),
                 decode_rates: decode_rates(&decoders, threads),
             }
         } else {

@@ -85,11 +85,18 @@ struct Live {
     costs: Vec<LevelCost>,
     /// Observed encoded bytes per input byte, per candidate.
     ratios: Vec<Option<f64>>,
+    /// Observed encode speed per thread (input bytes/s of wall time, so it includes sharing
+    /// the cores with whatever else runs), per candidate.
+    encode_seen: Vec<Option<f64>>,
+    /// Encoding threads.
+    threads: f64,
     block_bytes: f64,
     total: u64,
     decided: u64,
     last: Option<usize>,
     summary: PolicySummary,
+    /// The receiver runs on this machine.
+    shared_cpu: bool,
 }
 
 struct Pool {
@@ -101,8 +108,8 @@ struct Pool {
     complete: Option<(u32, u64)>,
     /// Link rate of this transfer's writes.
     rate: RateEstimator,
-    /// Writes on the link: wr id -> (bytes, busy since, paced until).
-    in_flight: HashMap<u64, (u64, Instant, Instant)>,
+    /// Writes on the link: wr id -> (bytes, busy since, paced until, queued behind another).
+    in_flight: HashMap<u64, (u64, Instant, Instant, bool)>,
     pacer: Option<Pacer>,
     live: Option<Live>,
 }
@@ -184,7 +191,7 @@ impl<'c> KvSender<'c> {
         conn.send_msg(&begin.to_bytes())?;
         let started = Instant::now();
         let deadline = started + opts.timeout;
-        let (region, slot_size, slots, decode_rates) = loop {
+        let (region, slot_size, slots, host, decode_rates) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match conn.poll(left)? {
                 Some(Event::Message(m)) => match SessionMsg::from_bytes(&m)? {
@@ -192,13 +199,16 @@ impl<'c> KvSender<'c> {
                         region,
                         slot_size,
                         slots,
-                    } if opts.policy.is_none() => break (region, slot_size, slots, Vec::new()),
+                    } if opts.policy.is_none() => break (region, slot_size, slots, 0, Vec::new()),
                     SessionMsg::ReadyRates {
                         region,
                         slot_size,
                         slots,
+                        host,
                         decode_rates,
-                    } if opts.policy.is_some() => break (region, slot_size, slots, decode_rates),
+                    } if opts.policy.is_some() => {
+                        break (region, slot_size, slots, host, decode_rates)
+                    }
                     SessionMsg::Abort { reason } => {
                         return Err(TransportError::RemoteAbort(reason))
                     }
@@ -225,7 +235,12 @@ impl<'c> KvSender<'c> {
         };
         tracing::debug!(region, slot_size, slots, ?decode_rates, "receiver ready");
         let live = match (&opts.policy, calibration) {
-            (Some(p), Some(cal)) => Some(live_state(p, &cal, &encoders, &decode_rates, opts)),
+            (Some(p), Some(cal)) => {
+                let mut live = live_state(p, &cal, &encoders, &decode_rates, opts);
+                live.shared_cpu = host != 0 && host == policy::calib::host_id();
+                live.summary.shared_cpu = live.shared_cpu;
+                Some(live)
+            }
             _ => None,
         };
         let initial = opts.policy.as_ref().and_then(|p| p.initial_rate);
@@ -334,14 +349,16 @@ impl<'c> KvSender<'c> {
         Ok(first.map_or(Duration::ZERO, |f| f.elapsed()))
     }
 
-    /// Waits for the pacer (if any) to let `bytes` go; returns when the link is free again.
-    fn pace(&self, bytes: u64) -> Option<Instant> {
+    /// Waits for the pacer (if any) to let `bytes` go; returns when the link is free again
+    /// and whether the pacer held the write back.
+    fn pace(&self, bytes: u64) -> Option<(Instant, bool)> {
         let (start, end) = self.lock().pacer.as_mut()?.reserve(bytes, Instant::now());
         let now = Instant::now();
-        if start > now {
+        let held = start > now;
+        if held {
             thread::sleep(start - now);
         }
-        Some(end)
+        Some((end, held))
     }
 
     /// The policy's level for the next block (index into the encoders).
@@ -355,9 +372,10 @@ impl<'c> KvSender<'c> {
         let costs: Vec<LevelCost> = live
             .costs
             .iter()
-            .zip(&live.ratios)
-            .map(|(c, r)| LevelCost {
+            .zip(live.ratios.iter().zip(&live.encode_seen))
+            .map(|(c, (r, e))| LevelCost {
                 ratio: r.unwrap_or(c.ratio),
+                encode_rate: e.map_or(c.encode_rate, |e| e * live.threads),
                 ..*c
             })
             .collect();
@@ -369,6 +387,7 @@ impl<'c> KvSender<'c> {
             block_bytes: live.block_bytes,
             blocks_left: live.total - live.decided,
             time_left: live.opts.deadline.map(|d| d.as_secs_f64() - elapsed),
+            shared_cpu: live.shared_cpu,
         })
         .expect("at least one candidate");
         if live.decided == 0 {
@@ -388,12 +407,16 @@ impl<'c> KvSender<'c> {
         choice.index
     }
 
-    /// Records an encoded block's size for its level's observed ratio.
-    fn observe_ratio(&self, index: usize, encoded: usize) {
+    /// Records an encoded block's size and encode time for its level's observed ratio and
+    /// speed.
+    fn observe(&self, index: usize, encoded: usize, took: Duration) {
         if let Some(live) = &mut self.lock().live {
             let r = encoded as f64 / live.block_bytes.max(1.0);
             let slot = &mut live.ratios[index];
             *slot = Some(slot.map_or(r, |old| old + 0.2 * (r - old)));
+            let speed = live.block_bytes / took.as_secs_f64().max(1e-9);
+            let slot = &mut live.encode_seen[index];
+            *slot = Some(slot.map_or(speed, |old| old + 0.2 * (speed - old)));
         }
     }
 
@@ -452,8 +475,9 @@ impl<'c> KvSender<'c> {
             Event::WriteDone { buf, wr_id } => {
                 let mut p = self.lock();
                 p.outstanding -= 1;
-                if let Some((bytes, begin, paced)) = p.in_flight.remove(&wr_id) {
-                    p.rate.record(bytes, begin, paced.max(Instant::now()));
+                if let Some((bytes, begin, paced, queued)) = p.in_flight.remove(&wr_id) {
+                    p.rate
+                        .record(bytes, begin, paced.max(Instant::now()), queued);
                 }
                 if let SendBuf::Bytes(v) = buf {
                     p.buffers.push(v);
@@ -513,8 +537,9 @@ impl<'c> KvSender<'c> {
                 if this.levels_on_wire {
                     buf.push(index as u8);
                 }
+                let t = Instant::now();
                 encode(&this.encoders[index], layer, chunk, &mut buf)?;
-                this.observe_ratio(index, buf.len());
+                this.observe(index, buf.len(), t.elapsed());
                 if buf.len() as u64 > this.slot_size {
                     return Err(TransportError::Invalid(format!(
                         "block (layer {layer}, chunk {chunk}) is {} bytes, the receiver's slots hold {} (use smaller chunks)",
@@ -534,10 +559,15 @@ impl<'c> KvSender<'c> {
                 this.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
                 let wr = this.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
                 let begin = Instant::now();
-                let paced = this.pace(buf.len() as u64).unwrap_or(begin);
-                this.lock()
-                    .in_flight
-                    .insert(wr, (buf.len() as u64, begin, paced));
+                let (paced, held) = this.pace(buf.len() as u64).unwrap_or((begin, false));
+                {
+                    let mut p = this.lock();
+                    // Queued: the link (or the pacer, emulating one) was still busy with
+                    // earlier bytes when this write came.
+                    let queued = held || !p.in_flight.is_empty();
+                    p.in_flight
+                        .insert(wr, (buf.len() as u64, begin, paced, queued));
+                }
                 this.conn.post_write(
                     SendBuf::Bytes(buf),
                     this.region,
@@ -734,11 +764,14 @@ fn live_state(
     Live {
         opts: p.clone(),
         ratios: vec![None; costs.len()],
+        encode_seen: vec![None; costs.len()],
+        threads,
         costs,
         block_bytes: h.spec.byte_len() as f64 / total.max(1) as f64,
         total,
         decided: 0,
         last: None,
         summary: PolicySummary::default(),
+        shared_cpu: false,
     }
 }

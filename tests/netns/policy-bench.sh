@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The compression policy over shaped links: one KV file sent with `kvwire send` between two
+# network namespaces (shaped-link.sh) at every fixed level and at `--level auto`, at each
+# rate, timing send-to-last-layer-decoded; prints the table and whether auto is within
+# 1.10x of the best fixed level at each rate, and auto's speed-up over raw at 1 Gbit/s.
+#
+#   tests/netns/policy-bench.sh [--kv FILE] [--rates "0.3gbit 1gbit 3gbit 10gbit unshaped"]
+#                               [--levels "raw q8 cg-high cg-default cg-low auto"] [--reps N]
+#
+# "unshaped": the veth pair with its tbf qdiscs removed. Both ends share this machine's
+# cores (no pinning): the codec competes with the other side and with anything else running.
+# KVWIRE_BIN selects the binary (default target/release/kvwire); exits 77 (skip) when
+# network namespaces are not available here.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+NET="$HERE/shaped-link.sh"
+BIN=${KVWIRE_BIN:-$ROOT/target/release/kvwire}
+KV=$ROOT/data/smollm2-pydoc-4096.safetensors
+RATES="0.3gbit 1gbit 3gbit 10gbit unshaped"
+LEVELS="raw q8 cg-high cg-default cg-low auto"
+REPS=1
+
+while (($# > 0)); do
+    case $1 in
+        --kv) KV=$2; shift 2 ;;
+        --rates) RATES=$2; shift 2 ;;
+        --levels) LEVELS=$2; shift 2 ;;
+        --reps) REPS=$2; shift 2 ;;
+        *) echo "usage: $0 [--kv FILE] [--rates LIST] [--levels LIST] [--reps N]" >&2; exit 2 ;;
+    esac
+done
+[[ -x $BIN ]] || { echo "no kvwire binary at $BIN (cargo build --release -p kvwire-bench)" >&2; exit 2; }
+[[ -f $KV ]] || { echo "no KV file at $KV (see tools/realkv, or pass --kv)" >&2; exit 2; }
+"$NET" check || exit $?
+
+NAME=kvwpol$$
+TMP=$(mktemp -d)
+cleanup() { "$NET" down --name "$NAME" >/dev/null 2>&1 || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+PORT=47500
+# One transfer at level $1; prints the sender's JSON line.
+transfer() {
+    local level=$1
+    PORT=$((PORT + 1))
+    "$NET" exec b --name "$NAME" -- "$BIN" recv --calibrate --listen "$ADDR_B:$PORT" -o "$TMP/out.safetensors" \
+        --timeout 60 --accept-timeout 60 --json >"$TMP/recv.json" 2>"$TMP/recv.err" &
+    local rpid=$!
+    local tries=0
+    until "$NET" exec a --name "$NAME" -- "$BIN" send --connect "$ADDR_B:$PORT" "$KV" --level "$level" \
+        --timeout 60 --json >"$TMP/send.json" 2>"$TMP/send.err"; do
+        tries=$((tries + 1))
+        if ((tries > 100)) || ! grep -q "refused" "$TMP/send.err"; then
+            cat "$TMP/send.err" "$TMP/recv.err" >&2; kill "$rpid" 2>/dev/null || true; exit 1
+        fi
+        sleep 0.1
+    done
+    wait "$rpid"
+    cat "$TMP/send.json"
+}
+
+RESULTS=$TMP/results.jsonl
+: >"$RESULTS"
+for rate in $RATES; do
+    "$NET" down --name "$NAME" >/dev/null 2>&1 || true
+    eval "$("$NET" up --name "$NAME" --rate "$([[ $rate == unshaped ]] && echo 10gbit || echo "$rate")")"
+    if [[ $rate == unshaped ]]; then
+        for ns in "$A" "$B"; do
+            for dev in $(ip -n "$ns" -o link show type veth | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }'); do
+                tc -n "$ns" qdisc del dev "$dev" root
+            done
+        done
+    fi
+    # The receiver's calibration is measured once per build and cached: do it before timing.
+    "$BIN" recv --calibrate --listen 127.0.0.1:1 -o /dev/null --accept-timeout 0.01 >/dev/null 2>&1 || true
+    for ((i = 0; i < REPS; i++)); do
+        for level in $LEVELS; do
+            line=$(transfer "$level")
+            python3 -c "import json,sys; d=json.loads(sys.argv[2]); d['rate']=sys.argv[1]; print(json.dumps(d))" \
+                "$rate" "$line" >>"$RESULTS"
+        done
+    done
+done
+
+python3 - "$RESULTS" "$KV" "$RATES" "$LEVELS" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+rates, levels = sys.argv[3].split(), sys.argv[4].split()
+t = {}
+for r in rows:
+    t.setdefault((r["rate"], r["level"]), []).append(r["last_layer_decoded_s"] * 1e3)
+med = {k: statistics.median(v) for k, v in t.items()}
+print(f"KV {sys.argv[2]}: send-to-last-layer-decoded, ms (median of {len(next(iter(t.values())))})")
+print(f"{'rate':>10} " + " ".join(f"{l:>10}" for l in levels) + "   auto/best  auto levels")
+summary = []
+for rate in rates:
+    fixed = {l: med[(rate, l)] for l in levels if l != "auto" and (rate, l) in med}
+    best = min(fixed, key=fixed.get) if fixed else None
+    a = med.get((rate, "auto"))
+    ratio = a / fixed[best] if a and best else float("nan")
+    pol = [r["policy"] for r in rows if r["rate"] == rate and r["level"] == "auto"]
+    counts = pol[-1]["blocks_per_level"] if pol else ""
+    print(f"{rate:>10} " + " ".join(f"{med.get((rate, l), float('nan')):10.1f}" for l in levels)
+          + f"   {ratio:5.2f} ({best})  {counts}")
+    summary.append({"rate": rate, "best_fixed": best, "auto_over_best": ratio,
+                    "ms": {l: med.get((rate, l)) for l in levels}, "auto_policy": pol[-1] if pol else None})
+for s in summary:
+    r = s["auto_over_best"]
+    print(f"  {s['rate']}: auto / best fixed ({s['best_fixed']}) = {r:.2f}  (target <= 1.10: {'PASS' if r <= 1.10 else 'MISS'})")
+one = [s for s in summary if s["rate"] == "1gbit"]
+if one and one[0]["ms"].get("raw") and one[0]["ms"].get("auto"):
+    sp = one[0]["ms"]["raw"] / one[0]["ms"]["auto"]
+    print(f"  1gbit: raw / auto = {sp:.2f}x  (target >= 3: {'PASS' if sp >= 3 else 'MISS'})")
+print(json.dumps(summary))
+PY
