@@ -18,7 +18,9 @@
 use kvwire_fuzz::transport::{header_bytes, reseal_meta, SEL_FRAME, SEL_META, SEL_RESEAL};
 use kvwire_transport::meta::{MAX_ADDRS, MAX_META_LEN, MAX_REGIONS, MAX_STRING_LEN};
 use kvwire_transport::proto::frame::{FrameHeader, FrameKind, MAX_MSG_LEN, MAX_REASON_LEN};
-use kvwire_transport::session::msg::{SessionMsg, MAX_HEADER_LEN, MAX_REASON, MAX_SLOTS};
+use kvwire_transport::session::msg::{
+    SessionMsg, MAX_HEADER_LEN, MAX_LEVELS, MAX_RATES, MAX_REASON, MAX_SLOTS,
+};
 use kvwire_transport::EndpointMeta;
 use libfuzzer_sys::fuzz_target;
 
@@ -94,6 +96,15 @@ fn session(b: &[u8]) {
         SessionMsg::Grant { slots } => assert!(slots.len() <= MAX_SLOTS as usize),
         SessionMsg::Complete { .. } => {}
         SessionMsg::Abort { reason } => assert!(reason.len() <= MAX_REASON),
+        SessionMsg::BeginLevels { headers } => assert!(
+            (1..=MAX_LEVELS).contains(&headers.len())
+                && headers.iter().all(|h| !h.is_empty() && h.len() <= MAX_HEADER_LEN)
+        ),
+        SessionMsg::ReadyRates {
+            slots,
+            decode_rates,
+            ..
+        } => assert!((1..=MAX_SLOTS).contains(slots) && decode_rates.len() <= MAX_RATES),
     }
     let out = m.to_bytes();
     match SessionMsg::from_bytes(&out) {
