@@ -402,3 +402,62 @@ fn cli_verbs_without_rdma_fails_with_a_clear_message() {
     let msg = assert_clean_error(&out, "recv --fabric verbs without RDMA");
     assert!(msg.contains("no RDMA support here"), "{msg}");
 }
+
+/// In the soft-RoCE guest (`tests/softroce/run-tests`): a receiver process killed with
+/// SIGKILL in the middle of a verbs transfer makes the sender process fail, not hang.
+#[test]
+fn cli_verbs_receiver_killed_mid_transfer_fails_the_sender() {
+    if std::env::var_os("KVWIRE_SOFTROCE").is_none() {
+        println!(
+            "SKIPPED cli_verbs_receiver_killed_mid_transfer_fails_the_sender: needs soft-RoCE"
+        );
+        return;
+    }
+    use std::time::{Duration, Instant};
+    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let out = std::env::temp_dir().join(format!("kvwire-killed-{port}.safetensors"));
+    let mut rx = Command::new(kvwire_bin())
+        .args([
+            "recv",
+            "--fabric",
+            "verbs",
+            "--listen",
+            &addr,
+            "--timeout",
+            "10",
+            "-o",
+        ])
+        .arg(&out)
+        .spawn()
+        .expect("starting kvwire recv");
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    let tx = Command::new(kvwire_bin())
+        .args([
+            "send",
+            "--fabric",
+            "verbs",
+            "--connect",
+            &addr,
+            "--level",
+            "raw",
+        ])
+        .args(["--layer-interval-ms", "300", "--timeout", "10"])
+        .arg(fixture_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting kvwire send");
+    std::thread::sleep(Duration::from_millis(2500));
+    rx.kill().expect("killing the receiver");
+    let _ = rx.wait();
+    let sent = tx.wait_with_output().expect("the sender's status");
+    let msg = assert_clean_error(&sent, "send after the receiver was killed");
+    println!("sender: {msg} after {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the sender took too long"
+    );
+    assert!(!out.exists(), "a killed receiver wrote no file");
+}
