@@ -386,21 +386,26 @@ fn cli_verbs_without_rdma_fails_with_a_clear_message() {
         println!("SKIPPED cli_verbs_without_rdma_fails_with_a_clear_message: this host has RDMA");
         return;
     }
-    let out = kvwire(
-        [
-            "recv",
-            "--listen",
-            "127.0.0.1:0",
-            "-o",
-            "/nonexistent/x.safetensors",
-            "--fabric",
-            "verbs",
-        ]
+    let fx = fixture_path();
+    let recv: Vec<OsString> = [
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "-o",
+        "/nonexistent/x.safetensors",
+    ]
+    .map(OsString::from)
+    .to_vec();
+    let mut send: Vec<OsString> = ["send", "--connect", "127.0.0.1:9", "--level", "raw"]
         .map(OsString::from)
-        .to_vec(),
-    );
-    let msg = assert_clean_error(&out, "recv --fabric verbs without RDMA");
-    assert!(msg.contains("no RDMA support here"), "{msg}");
+        .to_vec();
+    send.push(fx.into());
+    for mut args in [recv, send] {
+        args.extend(["--fabric", "verbs"].map(OsString::from));
+        let what = format!("{:?} --fabric verbs without RDMA", args[0]);
+        let msg = assert_clean_error(&kvwire(args), &what);
+        assert!(msg.contains("no RDMA support here"), "{what}: {msg}");
+    }
 }
 
 /// In the soft-RoCE guest (`tests/softroce/run-tests`): a receiver process killed with
