@@ -9,6 +9,7 @@
 
 mod codec_cmd;
 mod eval;
+mod perf;
 mod topo_cmd;
 mod wire_cmd;
 
@@ -33,6 +34,8 @@ enum Cmd {
     Recv(wire_cmd::RecvArgs),
     /// Evaluate every level on an embedded real KV cache (SmolLM2-135M, 256 tokens).
     Demo(codec_cmd::DemoArgs),
+    /// perftest-style benchmark: write_bw, read_bw, write_lat, kv (no host: server).
+    Perf(perf::PerfArgs),
     /// Show the machine's topology: NUMA nodes, NICs, RDMA devices with GIDs, GPUs.
     Topo(topo_cmd::TopoArgs),
 }
@@ -62,6 +65,7 @@ fn main() {
         Cmd::Send(a) => wire_cmd::send(&a),
         Cmd::Recv(a) => wire_cmd::recv(&a),
         Cmd::Demo(a) => codec_cmd::demo(a),
+        Cmd::Perf(a) => perf::run(&a),
         Cmd::Topo(a) => topo_cmd::run(&a),
     };
     if let Err(e) = r {
