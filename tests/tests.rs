@@ -10,6 +10,7 @@
 mod cli;
 mod fixture;
 mod hostile;
+mod perf;
 mod roundtrip;
 mod streaming;
 mod transport;

@@ -47,12 +47,12 @@ pub(crate) fn measure(
     let mut best_rate = 0f64;
     let mut group_done = 0u64;
     let mut last = start;
+    let more = |posted: u64| match deadline {
+        Some(d) => Instant::now() < d,
+        None => posted < ex.iters,
+    };
     loop {
-        let more = match deadline {
-            Some(d) => Instant::now() < d,
-            None => posted < ex.iters,
-        };
-        while more && posted - done < depth {
+        while posted - done < depth && more(posted) {
             let slice = RegionSlice::new(t.local.clone(), 0, size)?;
             match ex.test {
                 TestKind::ReadBw => t.conn.post_read(t.remote, 0, slice, posted)?,
@@ -61,11 +61,8 @@ pub(crate) fn measure(
                     .post_write(SendBuf::Region(slice), t.remote, 0, None, posted)?,
             }
             posted += 1;
-            if deadline.is_some() {
-                break;
-            }
         }
-        if !more && done == posted {
+        if done == posted && !more(posted) {
             break;
         }
         match t.conn.poll(ctl.timeout)? {
