@@ -74,12 +74,6 @@ pub(crate) struct CommonEval {
     json: bool,
 }
 
-#[derive(Debug, Args)]
-pub(crate) struct DemoArgs {
-    #[command(flatten)]
-    common: CommonEval,
-}
-
 fn levels(s: &str) -> Result<Vec<Level>> {
     if s == "all" {
         return Ok(Level::ALL.to_vec());
@@ -189,8 +183,4 @@ fn eval_buffer(buf: &[u8], name: &str, c: &CommonEval) -> Result<()> {
         print_table(&rows);
     }
     Ok(())
-}
-
-pub(crate) fn demo(a: DemoArgs) -> Result<()> {
-    eval_buffer(EMBEDDED_KV, "embedded SmolLM2-135M KV cache", &a.common)
 }

@@ -2,12 +2,13 @@
 //!
 //! * `kvwire codec encode|decode|eval` — the KV-cache codec on `.safetensors` KV files;
 //! * `kvwire send` / `kvwire recv` — ship a KV file between processes (TCP or shared memory);
-//! * `kvwire demo` — the codec on an embedded real KV cache (SmolLM2-135M, 256 tokens).
+//! * `kvwire demo` — an embedded real KV cache shipped over loopback at emulated link rates.
 //!
 //! Errors end the process with status 1 and one line on stderr; nothing panics on bad input.
 #![forbid(unsafe_code)]
 
 mod codec_cmd;
+mod demo;
 mod eval;
 mod perf;
 mod topo_cmd;
@@ -32,8 +33,9 @@ enum Cmd {
     Send(wire_cmd::SendArgs),
     /// Receive one KV file from a `kvwire send` and write it.
     Recv(wire_cmd::RecvArgs),
-    /// Evaluate every level on an embedded real KV cache (SmolLM2-135M, 256 tokens).
-    Demo(codec_cmd::DemoArgs),
+    /// Ship an embedded real KV cache (SmolLM2-135M) over loopback at emulated link rates:
+    /// every level and `auto`, time until the receiver held it decoded.
+    Demo(demo::DemoArgs),
     /// perftest-style benchmark: write_bw, read_bw, write_lat, kv (no host: server).
     Perf(perf::PerfArgs),
     /// Show the machine's topology: NUMA nodes, NICs, RDMA devices with GIDs, GPUs.
@@ -64,7 +66,7 @@ fn main() {
         Cmd::Codec(c) => codec_cmd::run(c),
         Cmd::Send(a) => wire_cmd::send(&a),
         Cmd::Recv(a) => wire_cmd::recv(&a),
-        Cmd::Demo(a) => codec_cmd::demo(a),
+        Cmd::Demo(a) => demo::run(a),
         Cmd::Perf(a) => perf::run(&a),
         Cmd::Topo(a) => topo_cmd::run(&a),
     };
