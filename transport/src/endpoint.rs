@@ -114,6 +114,12 @@ impl Endpoint {
         })
     }
 
+    /// The RDMA device of a verbs endpoint (`None` for the other fabrics).
+    #[cfg(feature = "verbs")]
+    pub fn device(&self) -> Option<&Arc<crate::verbs::VerbsDevice>> {
+        self.device.as_ref()
+    }
+
     /// The RDMA device of a verbs endpoint.
     #[cfg(feature = "verbs")]
     pub(crate) fn verbs_device(&self) -> Result<&Arc<crate::verbs::VerbsDevice>> {

@@ -160,8 +160,6 @@ pub(crate) fn fabric_for(choice: FabricChoice, peer: IpAddr) -> Result<FabricKin
         FabricChoice::Shm => FabricKind::Shm,
         FabricChoice::Auto if peer.is_loopback() => FabricKind::Shm,
         FabricChoice::Auto => FabricKind::Tcp,
-        FabricChoice::Verbs => {
-            bail!("--fabric verbs is not supported by kvwire perf yet (use tcp, shm or auto)")
-        }
+        FabricChoice::Verbs => FabricKind::Verbs,
     })
 }

@@ -45,13 +45,26 @@ pub(crate) fn run(a: &PerfArgs) -> Result<()> {
     }
 }
 
-fn data_endpoint(fabric: FabricKind, ex: &Exchanged, timeout: Duration) -> Result<Endpoint> {
+fn data_endpoint(
+    a: &PerfArgs,
+    fabric: FabricKind,
+    ex: &Exchanged,
+    timeout: Duration,
+) -> Result<Endpoint> {
     let cfg = EndpointConfig {
         timeout,
         streams: ex.qps,
         max_in_flight: (ex.tx_depth as usize).max(256),
         ..EndpointConfig::new(fabric)
     };
+    if fabric == FabricKind::Verbs {
+        let sel = kvwire_transport::verbs::DeviceSelector {
+            name: a.device.clone(),
+            port: None,
+            gid_index: a.gid_index,
+        };
+        return Ok(Endpoint::with_device(cfg, &sel)?);
+    }
     Ok(Endpoint::new(cfg)?)
 }
 
@@ -127,7 +140,18 @@ fn header(
     ep: &Endpoint,
     conn: Option<&Connection>,
 ) -> Result<Header> {
-    let (mtu, link_type) = link_info(fabric, peer_ip);
+    let (mut mtu, mut link_type) = link_info(fabric, peer_ip);
+    let (mut device, mut gid_index) = (a.device.clone(), a.gid_index);
+    if let Some(d) = ep.device() {
+        mtu = Some(d.mtu_bytes());
+        link_type = if d.is_ethernet() {
+            "Ethernet (RoCE v2)".into()
+        } else {
+            "InfiniBand".into()
+        };
+        device = Some(d.name().to_string());
+        gid_index = Some(d.gid_index());
+    }
     let meta = ep.meta()?;
     let local = describe(
         &meta.addrs,
@@ -150,8 +174,8 @@ fn header(
     Ok(Header {
         role: role.into(),
         fabric: fabric.name().into(),
-        device: a.device.clone(),
-        gid_index: a.gid_index,
+        device,
+        gid_index,
         connections: ex.qps,
         tx_depth: ex.tx_depth,
         mtu,
@@ -224,7 +248,7 @@ fn server_session(a: &PerfArgs, ex: &Exchanged, ctl: &Control, timeout: Duration
         .context("the client named an unknown fabric")?;
     let peer_ip: Option<IpAddr> = start["client_ip"].as_str().and_then(|s| s.parse().ok());
     fabric_for(ex.fabric, peer_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])))?;
-    let ep = data_endpoint(fabric, ex, timeout)?;
+    let ep = data_endpoint(a, fabric, ex, timeout)?;
     let data_port = a
         .port
         .checked_add(1)
@@ -345,7 +369,7 @@ fn client_session(
     cache: Option<(kvwire_codec::KvCache, String)>,
 ) -> Result<()> {
     ctl.exchange(ex)?;
-    let ep = data_endpoint(fabric, ex, timeout)?;
+    let ep = data_endpoint(a, fabric, ex, timeout)?;
     let region = if ex.test == TestKind::Kv {
         None
     } else {

@@ -147,7 +147,11 @@ pub(crate) fn print_header(test: TestKind, h: &Header) {
     println!(
         " Number of conns : {:<12} Transport type : {}",
         h.connections,
-        if h.fabric == "shm" { "SHM" } else { "TCP" }
+        match h.fabric.as_str() {
+            "shm" => "SHM",
+            "verbs" => "IB (RC QP; RoCE on Ethernet)",
+            _ => "TCP",
+        }
     );
     println!(
         " Role            : {:<12} TX depth       : {}",

@@ -267,7 +267,9 @@ impl RcQueuePair {
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::ReadyToSend)
             .setup_sq_psn(self.psn)
-            .setup_timeout(14)
+            // 4.096 us x 2^18 = 1.07 s before a missing ACK counts as lost (NCCL's default):
+            // with 14 (67 ms, perftest's) soft-RoCE under emulation retransmitted spuriously.
+            .setup_timeout(18)
             .setup_retry_cnt(7)
             .setup_rnr_retry(7)
             .setup_max_read_atomic(READ_DEPTH);
@@ -455,19 +457,23 @@ impl RcQueuePair {
     pub fn poll(&self, timeout: Duration) -> Result<Vec<Completion>> {
         let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
+        let mut nap = Duration::from_micros(10);
         loop {
             let got = self.poll_once()?;
             if !got.is_empty() {
                 return Ok(got);
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Ok(got);
             }
             // Busy-poll briefly (completions come within microseconds on hardware), then
-            // back off so an idle QP does not burn a core.
+            // sleep, longer and longer up to 1 ms, so that an idle QP leaves the cores to
+            // the rest (with soft-RoCE, to the kernel doing the NIC's work).
             spins += 1;
-            if spins > 200 {
-                std::thread::sleep(Duration::from_micros(50));
+            if spins > 64 {
+                std::thread::sleep(nap.min(deadline - now));
+                nap = (nap * 2).min(Duration::from_millis(1));
             } else {
                 std::hint::spin_loop();
             }
