@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kvwire_codec::{file, EncodeOptions, KvCache, Level};
+use kvwire_transport::policy::{Calibration, PolicyOptions};
 use kvwire_transport::session::{send_kv, KvReceiver, RecvOptions, RecvSlots, SendOptions};
 use kvwire_transport::{Endpoint, Listener};
 
@@ -34,11 +35,22 @@ pub(crate) fn load_cache(a: &PerfArgs, ex: &Exchanged) -> Result<(KvCache, Strin
     ))
 }
 
-fn levels(ex: &Exchanged) -> Result<Vec<Level>> {
+/// The levels to run: `None` is `auto`.
+fn levels(ex: &Exchanged) -> Result<Vec<Option<Level>>> {
     ex.levels
         .iter()
-        .map(|s| s.parse::<Level>().map_err(|e| anyhow::anyhow!("{e}")))
+        .map(|s| match s.as_str() {
+            "auto" => Ok(None),
+            l => l
+                .parse::<Level>()
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("{e}")),
+        })
         .collect()
+}
+
+fn name(l: Option<Level>) -> String {
+    l.map_or_else(|| "auto".to_string(), |l| l.to_string())
 }
 
 /// Client: one transfer per level.
@@ -52,20 +64,32 @@ pub(crate) fn client(
 ) -> Result<Vec<KvRow>> {
     let fp16 = (cache.spec().shape.elements() * 2) as u64;
     let mut rows = Vec::new();
-    for level in levels(ex)? {
+    let calibration = if levels(ex)?.contains(&None) {
+        Some(Calibration::cached().context("calibrating the codec for auto")?)
+    } else {
+        None
+    };
+    for choice in levels(ex)? {
+        let level = name(choice);
         let conn = ep
             .connect(data)
             .with_context(|| format!("connecting for level {level}"))?;
         let opts = SendOptions {
             timeout,
-            ..SendOptions::new(EncodeOptions::level(level))
+            policy: choice.is_none().then(|| PolicyOptions {
+                calibration: calibration.clone(),
+                ..PolicyOptions::default()
+            }),
+            ..SendOptions::new(EncodeOptions::level(choice.unwrap_or(Level::Raw)))
         };
         let st = send_kv(&conn, &cache.view(), &opts)
             .with_context(|| format!("sending at level {level}"))?;
         conn.close("");
         let secs = st.elapsed.as_secs_f64().max(1e-9);
+        progress.step(&format!("level {level}"));
         rows.push(KvRow {
-            level: level.to_string(),
+            auto_blocks: st.policy.map(|p| p.counts()),
+            level,
             wire_bytes: st.wire_bytes,
             fp16_bytes: fp16,
             ratio: fp16 as f64 / st.wire_bytes.max(1) as f64,
@@ -73,7 +97,6 @@ pub(crate) fn client(
             goodput_gbps: fp16 as f64 * 8.0 / secs / 1e9,
             speedup_vs_raw: None,
         });
-        progress.step(&format!("level {level}"));
     }
     if let Some(raw) = rows
         .iter()
@@ -94,7 +117,8 @@ pub(crate) fn server(
     timeout: Duration,
     ex: &Exchanged,
 ) -> Result<()> {
-    for level in levels(ex)? {
+    for choice in levels(ex)? {
+        let level = name(choice);
         let conn = listener
             .accept(timeout)
             .with_context(|| format!("waiting for the transfer at level {level}"))?;
@@ -105,7 +129,7 @@ pub(crate) fn server(
         let rx = KvReceiver::accept(&conn, slots, &opts)
             .with_context(|| format!("starting the transfer at level {level}"))?;
         let got = rx.levels();
-        if got != [level] {
+        if choice.is_some_and(|l| got != [l]) || got.is_empty() {
             bail!("expected a transfer at level {level}, the client sent {got:?}");
         }
         rx.recv_all()

@@ -70,37 +70,38 @@ pub(crate) enum FabricChoice {
     Auto,
 }
 
-/// `--level` of `perf kv`: one level, a list, or all. Parsed into an enum so that a later
-/// `auto` (the transport's policy) is one more variant.
+/// `--level` of `perf kv`: levels in the order given; `None` is `auto` (the transport's
+/// policy, choosing per block from the measured link rate and codec speeds).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum LevelSpec {
-    /// Every fixed level, in `Level::ALL` order.
-    All,
-    /// These levels, in this order.
-    List(Vec<Level>),
-}
+pub(crate) struct LevelSpec(Vec<Option<Level>>);
 
 impl LevelSpec {
-    /// The levels to run.
-    pub(crate) fn levels(&self) -> Vec<Level> {
-        match self {
-            Self::All => Level::ALL.to_vec(),
-            Self::List(v) => v.clone(),
-        }
+    /// The names of the levels to run (`auto` for the policy), in order.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|l| l.map_or_else(|| "auto".to_string(), |l| l.to_string()))
+            .collect()
     }
 }
 
-/// Parses `--level`: `all`, or comma-separated level names.
+/// Parses `--level`: `all` (every fixed level, then `auto`), or a comma-separated list of
+/// level names and `auto`.
 pub(crate) fn parse_level_spec(s: &str) -> std::result::Result<LevelSpec, String> {
     if s == "all" {
-        return Ok(LevelSpec::All);
+        let mut v: Vec<Option<Level>> = Level::ALL.iter().copied().map(Some).collect();
+        v.push(None);
+        return Ok(LevelSpec(v));
     }
     let mut v = Vec::new();
     for part in s.split(',') {
-        let l: Level = part
-            .trim()
-            .parse()
-            .map_err(|e| format!("{e} (or all, or a comma-separated list)"))?;
+        let l = match part.trim() {
+            "auto" => None,
+            p => Some(
+                p.parse::<Level>()
+                    .map_err(|e| format!("{e} (or auto, all, or a comma-separated list)"))?,
+            ),
+        };
         if !v.contains(&l) {
             v.push(l);
         }
@@ -108,7 +109,7 @@ pub(crate) fn parse_level_spec(s: &str) -> std::result::Result<LevelSpec, String
     if v.is_empty() {
         return Err("no level given".into());
     }
-    Ok(LevelSpec::List(v))
+    Ok(LevelSpec(v))
 }
 
 /// `kvwire perf`.
@@ -174,7 +175,7 @@ pub(crate) struct PerfArgs {
     /// kv: tokens of the synthetic cache.
     #[arg(long, default_value_t = 1024)]
     pub(crate) tokens: usize,
-    /// kv: level, comma-separated levels, or all.
+    /// kv: a level, `auto`, a comma-separated list, or `all` (every level, then `auto`).
     #[arg(long, value_parser = parse_level_spec, default_value = "all")]
     pub(crate) level: LevelSpec,
     /// kv: seed of the synthetic cache.
@@ -289,15 +290,7 @@ impl PerfArgs {
             tx_depth: self.tx_depth,
             report_gbits: self.report_gbits,
             compare_baseline: self.compare_baseline,
-            levels: if kv {
-                self.level
-                    .levels()
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            levels: if kv { self.level.names() } else { Vec::new() },
             synthetic,
             tokens: if kv { self.tokens } else { 0 },
             seed: self.seed,

@@ -115,6 +115,9 @@ pub(crate) struct KvRow {
     pub(crate) goodput_gbps: f64,
     /// Goodput over `raw`'s in the same run (None when raw was not run).
     pub(crate) speedup_vs_raw: Option<f64>,
+    /// For `auto`: blocks sent per level, e.g. `raw:12 q8:468` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) auto_blocks: Option<String>,
 }
 
 /// The unit of bandwidth columns.
@@ -214,14 +217,17 @@ pub(crate) fn print_kv(rows: &[KvRow]) {
     println!(" level        wire bytes      ratio   last layer decoded[ms]   goodput[Gb/sec]   speed-up vs raw");
     for r in rows {
         println!(
-            " {:<12} {:<15} {:<7.2} {:<24.2} {:<17.3} {}",
+            " {:<12} {:<15} {:<7.2} {:<24.2} {:<17.3} {}{}",
             r.level,
             r.wire_bytes,
             r.ratio,
             r.last_layer_decoded_s * 1e3,
             r.goodput_gbps,
             r.speedup_vs_raw
-                .map_or_else(|| "n/a".to_string(), |s| format!("{s:.2}x"))
+                .map_or_else(|| "n/a".to_string(), |s| format!("{s:.2}x")),
+            r.auto_blocks
+                .as_ref()
+                .map_or_else(String::new, |b| format!("   (blocks {b})"))
         );
     }
     println!("{DASHES}");
