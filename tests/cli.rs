@@ -466,3 +466,61 @@ fn cli_verbs_receiver_killed_mid_transfer_fails_the_sender() {
     );
     assert!(!out.exists(), "a killed receiver wrote no file");
 }
+
+/// `--fabric auto` without RDMA: each side says so once and ships over TCP.
+#[test]
+fn cli_fabric_auto_falls_back_to_tcp_and_says_so_once() {
+    if Path::new("/sys/class/infiniband").exists() {
+        println!("SKIPPED cli_fabric_auto_falls_back_to_tcp_and_says_so_once: this host has RDMA");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let port = 21_000 + (std::process::id() % 20_000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let rx = Command::new(kvwire_bin())
+        .args([
+            "recv",
+            "--fabric",
+            "auto",
+            "--listen",
+            &addr,
+            "--accept-timeout",
+            "30",
+            "-o",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut send: Vec<OsString> = [
+        "send",
+        "--fabric",
+        "auto",
+        "--connect",
+        &addr,
+        "--level",
+        "raw",
+    ]
+    .map(OsString::from)
+    .to_vec();
+    send.push(fixture_path().into());
+    let tx = kvwire(send);
+    let rx = rx.wait_with_output().unwrap();
+    for (o, who) in [(&tx, "send"), (&rx, "recv")] {
+        assert!(o.status.success(), "{who}: {}", text(&o.stderr));
+        let e = text(&o.stderr);
+        assert_eq!(e.matches("using tcp").count(), 1, "{who}: {e}");
+        assert!(e.contains("no RDMA support here"), "{who}: {e}");
+    }
+    let (got, want) = (
+        file::load(&out).unwrap(),
+        file::load(fixture_path()).unwrap(),
+    );
+    assert!(
+        got.cache == want.cache,
+        "raw over the fallback must be bit-exact"
+    );
+}

@@ -20,9 +20,10 @@ pub(crate) struct LinkArgs {
     /// Pre-shared token; both sides must give the same one.
     #[arg(long)]
     token: Option<String>,
-    /// Fabric: tcp, or shm (both processes on this node).
+    /// Fabric: tcp, shm (both processes on this node), verbs (RDMA), or auto (verbs where an
+    /// RDMA device opens, else tcp, saying so once; both sides must resolve alike).
     #[arg(long, default_value = "tcp")]
-    fabric: FabricKind,
+    fabric: FabricArg,
     /// Seconds any single wait may take (a silent or dead peer fails after this).
     #[arg(long, default_value_t = 5.0)]
     timeout: f64,
@@ -37,6 +38,27 @@ pub(crate) struct LinkArgs {
     json: bool,
 }
 
+/// `--fabric`: a fabric, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FabricArg {
+    /// This fabric.
+    Fixed(FabricKind),
+    /// The best tier that works here: verbs, else tcp.
+    Auto,
+}
+
+impl std::str::FromStr for FabricArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        s.parse::<FabricKind>()
+            .map(Self::Fixed)
+            .map_err(|_| format!("unknown fabric {s:?} (expected tcp, shm, verbs or auto)"))
+    }
+}
+
 impl LinkArgs {
     fn timeout(&self) -> Result<Duration> {
         if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout < 86_400.0) {
@@ -49,14 +71,25 @@ impl LinkArgs {
     }
 
     fn endpoint(&self) -> Result<Endpoint> {
-        let cfg = EndpointConfig {
-            fabric: self.fabric,
-            token: self.token.as_ref().map(|t| t.as_bytes().to_vec()),
-            timeout: self.timeout()?,
-            streams: self.streams,
-            ..EndpointConfig::default()
+        let cfg = |fabric| -> Result<EndpointConfig> {
+            Ok(EndpointConfig {
+                fabric,
+                token: self.token.as_ref().map(|t| t.as_bytes().to_vec()),
+                timeout: self.timeout()?,
+                streams: self.streams,
+                ..EndpointConfig::default()
+            })
         };
-        Ok(Endpoint::new(cfg)?)
+        match self.fabric {
+            FabricArg::Fixed(f) => Ok(Endpoint::new(cfg(f)?)?),
+            FabricArg::Auto => match Endpoint::new(cfg(FabricKind::Verbs)?) {
+                Ok(ep) => Ok(ep),
+                Err(e) => {
+                    eprintln!("kvwire: note: {e}; using tcp");
+                    Ok(Endpoint::new(cfg(FabricKind::Tcp)?)?)
+                }
+            },
+        }
     }
 }
 
@@ -235,7 +268,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
             serde_json::json!({
                 "level": level_name,
                 "policy": policy,
-                "fabric": a.link.fabric.name(),
+                "fabric": ep.config().fabric.name(),
                 "layers": spec.shape.layers,
                 "tokens": spec.shape.tokens,
                 "blocks": st.blocks,
@@ -309,7 +342,7 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
             "{}",
             serde_json::json!({
                 "level": level,
-                "fabric": a.link.fabric.name(),
+                "fabric": ep.config().fabric.name(),
                 "layers": spec.shape.layers,
                 "tokens": spec.shape.tokens,
                 "blocks": st.blocks,
