@@ -248,7 +248,7 @@ impl SocketLink {
             let my_tx = tx.clone();
             thread::Builder::new()
                 .name(format!("kvwire-rx{i}"))
-                .spawn(move || reader_loop(&sh, s, &my_tx))
+                .spawn(move || reader_loop(&sh, i, s, &my_tx))
                 .map_err(|e| TransportError::io("spawning a reader thread", e))?;
             writers.push(tx);
         }
@@ -557,35 +557,46 @@ fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
-/// Reads exactly `buf.len()` bytes. `idle_ok`: a timeout before the first byte is not an
-/// error (returns `Ok(false)`), so an idle connection can wait for its next frame.
-fn read_full(sh: &Shared, mut sock: &TcpStream, buf: &mut [u8], idle_ok: bool) -> Result<bool> {
+/// What [`read_full`] got.
+#[derive(Debug, PartialEq, Eq)]
+enum Got {
+    /// The whole buffer.
+    Full,
+    /// Nothing within the read timeout (only with `idle_ok`).
+    Idle,
+    /// The peer closed the stream before the first byte (only with `idle_ok`).
+    Closed,
+}
+
+/// Reads exactly `buf.len()` bytes. `idle_ok`: a timeout or the stream's end before the first
+/// byte is not an error (`Got::Idle`, `Got::Closed`), so an idle connection can wait for its
+/// next frame and the caller decides what an end between frames means.
+fn read_full(sh: &Shared, mut sock: &TcpStream, buf: &mut [u8], idle_ok: bool) -> Result<Got> {
     let mut got = 0;
     while got < buf.len() {
         match sock.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && idle_ok => return Ok(Got::Closed),
             Ok(0) => {
-                return Err(if got == 0 && idle_ok {
-                    TransportError::PeerClosed("the peer closed the socket".into())
-                } else {
-                    TransportError::PeerClosed("the peer closed the socket inside a frame".into())
-                })
+                return Err(TransportError::PeerClosed(
+                    "the peer closed the socket inside a frame".into(),
+                ))
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if is_timeout(&e) => {
                 if got == 0 && idle_ok {
-                    return Ok(false);
+                    return Ok(Got::Idle);
                 }
                 return Err(TransportError::Timeout(sh.timeout, "the rest of a frame"));
             }
             Err(e) => return Err(TransportError::io("reading a frame", e)),
         }
     }
-    Ok(true)
+    Ok(Got::Full)
 }
 
-fn reader_loop(sh: &Arc<Shared>, sock: TcpStream, my_writer: &SyncSender<OutOp>) {
-    if let Err(e) = read_frames(sh, &sock, my_writer) {
+fn reader_loop(sh: &Arc<Shared>, stream: usize, sock: TcpStream, my_writer: &SyncSender<OutOp>) {
+    if let Err(e) = read_frames(sh, stream, &sock, my_writer) {
         let tell = matches!(
             e,
             TransportError::Protocol(_) | TransportError::OutOfBounds(_)
@@ -594,7 +605,12 @@ fn reader_loop(sh: &Arc<Shared>, sock: TcpStream, my_writer: &SyncSender<OutOp>)
     }
 }
 
-fn read_frames(sh: &Arc<Shared>, sock: &TcpStream, my_writer: &SyncSender<OutOp>) -> Result<()> {
+fn read_frames(
+    sh: &Arc<Shared>,
+    stream: usize,
+    sock: &TcpStream,
+    my_writer: &SyncSender<OutOp>,
+) -> Result<()> {
     let mut hb = [0u8; HEADER_LEN];
     loop {
         if sh.is_closed() {
@@ -603,8 +619,20 @@ fn read_frames(sh: &Arc<Shared>, sock: &TcpStream, my_writer: &SyncSender<OutOp>
         while sh.inbound_full() && !sh.is_closed() {
             thread::sleep(Duration::from_millis(1));
         }
-        if !read_full(sh, sock, &mut hb, true)? {
-            continue;
+        match read_full(sh, sock, &mut hb, true)? {
+            Got::Full => {}
+            Got::Idle => continue,
+            // A data stream's clean end says nothing by itself: a peer closing in order ends
+            // every stream after its Close frame on stream 0, whose reader may still hold
+            // frames (the transfer's confirmation, say). Failing here would race that reader
+            // and could drop them; stream 0's end (or a write on this stream failing, or the
+            // caller's timeout) reports the connection's end.
+            Got::Closed if stream > 0 => return Ok(()),
+            Got::Closed => {
+                return Err(TransportError::PeerClosed(
+                    "the peer closed the socket".into(),
+                ))
+            }
         }
         let h = FrameHeader::parse(&hb)?;
         let inbound = sh.core().on_header(&h)?;
