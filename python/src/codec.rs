@@ -80,13 +80,15 @@ pub(crate) fn levels() -> Vec<&'static str> {
     Level::ALL.iter().map(|l| l.name()).collect()
 }
 
-/// Refuses a chunk size the codec cannot use, before anything is encoded.
+/// Refuses a chunk size the codec cannot use (as `Encoder::new` would), so that a `Sender`
+/// fails as it is made, with a ValueError, rather than at its first transfer.
 pub(crate) fn check_chunk_tokens(chunk_tokens: usize) -> PyResult<()> {
-    if (1..=65_535).contains(&chunk_tokens) {
+    let most = kvwire_codec::container::MAX_CHUNK_TOKENS as usize;
+    if (1..=most).contains(&chunk_tokens) {
         Ok(())
     } else {
         Err(PyValueError::new_err(format!(
-            "chunk_tokens must be in 1..=65535, got {chunk_tokens}"
+            "chunk_tokens must be in 1..={most}, got {chunk_tokens}"
         )))
     }
 }

@@ -38,9 +38,11 @@ fn endpoint_config(
     let mut cfg = EndpointConfig::new(convert::fabric(fabric)?);
     cfg.token = token.map(|t| t.as_bytes().to_vec());
     cfg.timeout = convert::seconds("timeout", timeout)?;
-    if !(1..=64).contains(&streams) {
+    // Checked here too (the endpoint would refuse it) so that it is a ValueError.
+    let most = kvwire_transport::proto::handshake::MAX_STREAMS;
+    if !(1..=most).contains(&streams) {
         return Err(PyValueError::new_err(format!(
-            "streams must be in 1..=64, got {streams}"
+            "streams must be in 1..={most}, got {streams}"
         )));
     }
     cfg.streams = streams;
@@ -331,9 +333,10 @@ impl Receiver {
         streams: u16,
     ) -> PyResult<Self> {
         let cfg = endpoint_config(fabric, token, timeout, streams)?;
-        if slots == 0 || slots > 256 {
+        let most = kvwire_transport::session::msg::MAX_SLOTS;
+        if !(1..=most).contains(&slots) {
             return Err(PyValueError::new_err(format!(
-                "slots must be in 1..=256, got {slots}"
+                "slots must be in 1..={most}, got {slots}"
             )));
         }
         let opts = RecvOptions {

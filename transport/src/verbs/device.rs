@@ -56,6 +56,16 @@ fn err(what: impl std::fmt::Display) -> TransportError {
     TransportError::Verbs(what.to_string())
 }
 
+/// The RDMA devices, or why there are none to ask.
+fn device_list() -> Result<DeviceList> {
+    DeviceList::new().map_err(|e| {
+        err(format!(
+            "no RDMA support here (libibverbs or the kernel's RDMA stack is missing): {}",
+            chain(&e)
+        ))
+    })
+}
+
 /// An error with its causes (sideway's outer errors do not print the OS error inside).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -92,12 +102,7 @@ impl VerbsDevice {
     /// # Errors
     /// [`TransportError::Verbs`] when libibverbs is missing or the kernel has no RDMA.
     pub fn list() -> Result<Vec<String>> {
-        let list = DeviceList::new().map_err(|e| {
-            err(format!(
-                "no RDMA support here (libibverbs or the kernel's RDMA stack is missing): {}",
-                chain(&e)
-            ))
-        })?;
+        let list = device_list()?;
         Ok(list.iter().map(|d| d.name()).collect())
     }
 
@@ -107,12 +112,7 @@ impl VerbsDevice {
     /// [`TransportError::Verbs`] naming the cause: no RDMA support, no such device, port down,
     /// no usable GID, or a failed verbs call.
     pub fn open(sel: &DeviceSelector) -> Result<Arc<Self>> {
-        let list = DeviceList::new().map_err(|e| {
-            err(format!(
-                "no RDMA support here (libibverbs or the kernel's RDMA stack is missing): {}",
-                chain(&e)
-            ))
-        })?;
+        let list = device_list()?;
         let dev = match &sel.name {
             Some(n) => list.iter().find(|d| &d.name() == n).ok_or_else(|| {
                 let have: Vec<String> = list.iter().map(|d| d.name()).collect();

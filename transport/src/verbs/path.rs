@@ -160,6 +160,23 @@ impl VerbsPath {
         self.next_id.fetch_add(1, Ordering::Relaxed) & !RECV_TAG
     }
 
+    /// The peer's region `id` with its key, once the range passed the connection's checks
+    /// against the peer's metadata.
+    fn peer_region(
+        &self,
+        sh: &Shared,
+        id: RegionId,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<RemoteRegion> {
+        sh.core().check_peer(id, offset, len, write)?;
+        self.peer
+            .get(&id)
+            .copied()
+            .ok_or_else(|| TransportError::OutOfBounds(format!("peer region {} has no key", id.0)))
+    }
+
     /// The registration of the region `s` points into, if the endpoint registered it.
     fn registered(&self, region: &Arc<Region>) -> Option<&VerbsRegion> {
         self.local.iter().find(|v| Arc::ptr_eq(v.region(), region))
@@ -208,10 +225,7 @@ impl VerbsPath {
         wr_id: u64,
     ) -> Result<()> {
         let len = buf.len();
-        sh.core().check_peer(dst, offset, len, true)?;
-        let remote = *self.peer.get(&dst).ok_or_else(|| {
-            TransportError::OutOfBounds(format!("peer region {} has no key", dst.0))
-        })?;
+        let remote = self.peer_region(sh, dst, offset, len, true)?;
         let (src, src_off, stage) = match &buf {
             SendBuf::Region(s) => {
                 let vr = self.registered(&s.region).ok_or_else(|| {
@@ -270,10 +284,7 @@ impl VerbsPath {
         dst: RegionSlice,
         wr_id: u64,
     ) -> Result<()> {
-        sh.core().check_peer(src, offset, dst.len, false)?;
-        let remote = *self.peer.get(&src).ok_or_else(|| {
-            TransportError::OutOfBounds(format!("peer region {} has no key", src.0))
-        })?;
+        let remote = self.peer_region(sh, src, offset, dst.len, false)?;
         let vr = self.registered(&dst.region).ok_or_else(|| {
             TransportError::Invalid(
                 "a verbs read into a region this endpoint did not register before connecting"
