@@ -589,3 +589,84 @@ fn kvwire_executable(line: &str) -> Option<PathBuf> {
     }
     v["executable"].as_str().map(PathBuf::from)
 }
+
+/// Two network namespaces joined by a rate-shaped veth (`tests/netns/shaped-link.sh`),
+/// torn down when dropped, however the test ends. Each one has a name of its own, so tests
+/// running in parallel in one process never share namespaces.
+#[derive(Debug)]
+pub struct ShapedLink {
+    name: String,
+}
+
+impl ShapedLink {
+    /// The harness script.
+    pub fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("netns/shaped-link.sh")
+    }
+
+    /// Brings a link up at `rate` (tc syntax, e.g. `1gbit`), or prints `SKIPPED <test>: why`
+    /// and returns `None` where namespaces cannot be made here.
+    ///
+    /// # Panics
+    /// If the harness says it can run but `up` fails.
+    pub fn up(test: &str, rate: &str) -> Option<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let check = std::process::Command::new(Self::script())
+            .arg("check")
+            .output()
+            .expect("running shaped-link.sh check");
+        if !check.status.success() {
+            eprintln!(
+                "SKIPPED {test}: {}",
+                String::from_utf8_lossy(&check.stderr).trim()
+            );
+            return None;
+        }
+        let link = Self {
+            name: format!(
+                "kw{}x{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let up = std::process::Command::new(Self::script())
+            .args(["up", "--name", &link.name, "--rate", rate])
+            .output()
+            .expect("running shaped-link.sh up");
+        assert!(
+            up.status.success(),
+            "shaped-link.sh up: {}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        Some(link)
+    }
+
+    /// `program` to run inside namespace `side` (`a` = 192.0.2.1, `b` = 192.0.2.2).
+    pub fn exec(&self, side: &str, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        let mut c = std::process::Command::new(Self::script());
+        c.args(["exec", side, "--name", &self.name, "--"])
+            .arg(program);
+        c
+    }
+
+    /// Re-shapes the link to `rate` while it is up.
+    ///
+    /// # Panics
+    /// If the harness fails.
+    pub fn set_rate(&self, rate: &str) {
+        let st = std::process::Command::new(Self::script())
+            .args(["rate", "--name", &self.name, "--rate", rate])
+            .status()
+            .expect("running shaped-link.sh rate");
+        assert!(st.success(), "shaped-link.sh rate {rate} failed");
+    }
+}
+
+impl Drop for ShapedLink {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(Self::script())
+            .args(["down", "--name", &self.name])
+            .status();
+    }
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kvwire_tests::kvwire_bin;
+use kvwire_tests::{kvwire_bin, ShapedLink};
 use serde_json::Value;
 
 /// A free port whose successor is free too (control on `p`, data on `p + 1`).
@@ -308,47 +308,18 @@ fn a_server_without_a_client_gives_up_and_verbs_without_rdma_fails_clearly() {
     }
 }
 
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("netns/shaped-link.sh")
-}
-
-/// Removes the namespaces however the test ends.
-struct Namespaces(String);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .args(["down", "--name", &self.0])
-            .status();
-    }
-}
-
-fn in_ns(name: &str, side: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(script());
-    c.args(["exec", side, "--name", name, "--"])
-        .arg(kvwire_bin())
-        .arg("perf")
-        .args(args);
+fn in_ns(link: &ShapedLink, side: &str, args: &[&str]) -> Command {
+    let mut c = link.exec(side, kvwire_bin());
+    c.arg("perf").args(args);
     c
 }
 
 #[test]
 fn write_bw_and_kv_across_two_network_namespaces() {
-    let check = Command::new(script()).arg("check").output().unwrap();
-    if !check.status.success() {
-        eprintln!(
-            "SKIPPED write_bw_and_kv_across_two_network_namespaces: {}",
-            text(&check.stderr).trim()
-        );
+    let Some(link) = ShapedLink::up("write_bw_and_kv_across_two_network_namespaces", "1gbit")
+    else {
         return;
-    }
-    let name = format!("kvwp{}", std::process::id());
-    let up = Command::new(script())
-        .args(["up", "--name", &name, "--rate", "1gbit"])
-        .output()
-        .unwrap();
-    let _guard = Namespaces(name.clone());
-    assert!(up.status.success(), "{}", text(&up.stderr));
+    };
     let bw = [
         "write_bw",
         "-s",
@@ -361,7 +332,7 @@ fn write_bw_and_kv_across_two_network_namespaces() {
     ];
     let mut c = bw.to_vec();
     c.insert(1, "192.0.2.2");
-    let (so, co) = pair(in_ns(&name, "b", &bw), in_ns(&name, "a", &c));
+    let (so, co) = pair(in_ns(&link, "b", &bw), in_ns(&link, "a", &c));
     assert_ok(&so, "server");
     assert_ok(&co, "client");
     let v = valid_json(&co, "client");
@@ -385,7 +356,7 @@ fn write_bw_and_kv_across_two_network_namespaces() {
     ];
     let mut c = kv.to_vec();
     c.insert(1, "192.0.2.2");
-    let (so, co) = pair(in_ns(&name, "b", &kv), in_ns(&name, "a", &c));
+    let (so, co) = pair(in_ns(&link, "b", &kv), in_ns(&link, "a", &c));
     assert_ok(&so, "server");
     assert_ok(&co, "client");
     let out = text(&co.stdout);

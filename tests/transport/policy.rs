@@ -3,12 +3,11 @@
 //! for time, and over the two-namespace shaped link a rate lowered with `tc` mid-transfer
 //! makes later blocks switch to a smaller level.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kvwire_codec::{EncodeOptions, KvCache, Level};
-use kvwire_tests::{check_within_bound, fixture, fixture_head, kvwire_bin};
+use kvwire_tests::{check_within_bound, fixture, fixture_head, kvwire_bin, ShapedLink};
 use kvwire_transport::policy::{Calibration, LevelSpeed, PolicyOptions, PolicySummary};
 use kvwire_transport::session::{send_kv, KvReceiver, RecvOptions, RecvSlots, SendOptions};
 use kvwire_transport::{Endpoint, FabricKind};
@@ -158,20 +157,6 @@ fn a_deadline_takes_the_best_quality_that_meets_it() {
     assert_eq!(count(&s, Level::Raw), 0, "{}", s.counts());
 }
 
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("netns/shaped-link.sh")
-}
-
-struct NetnsLink(String);
-
-impl Drop for NetnsLink {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .args(["down", "--name", &self.0])
-            .status();
-    }
-}
-
 /// The fixture stacked `n` times along the layer axis (layers are the outermost dimension in
 /// every layout, so the bytes simply repeat).
 fn stacked(n: usize) -> KvCache {
@@ -185,29 +170,12 @@ const ORDER: [&str; 5] = ["raw", "q8", "cg-high", "cg-default", "cg-low"];
 
 #[test]
 fn a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level() {
-    let check = Command::new(script())
-        .arg("check")
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    if !check.status.success() {
-        eprintln!(
-            "SKIPPED a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level: {}",
-            String::from_utf8_lossy(&check.stderr).trim()
-        );
+    let Some(link) = ShapedLink::up(
+        "a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level",
+        "2gbit",
+    ) else {
         return;
-    }
-    let name = format!("kvwp{}", std::process::id());
-    let up = Command::new(script())
-        .args(["up", "--name", &name, "--rate", "2gbit"])
-        .output()
-        .unwrap();
-    let _guard = NetnsLink(name.clone());
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    };
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
     let kv = stacked(4);
@@ -215,10 +183,8 @@ fn a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level() {
     let out = dir.path().join("out.safetensors");
     let cache = dir.path().join("cache");
     let exec = |side: &str, args: &[&str]| {
-        let mut c = Command::new(script());
-        c.args(["exec", side, "--name", &name, "--"])
-            .arg(kvwire_bin())
-            .args(args)
+        let mut c = link.exec(side, kvwire_bin());
+        c.args(args)
             .env("XDG_CACHE_HOME", &cache)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -266,19 +232,13 @@ fn a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level() {
     let send = loop {
         let child = exec("a", &send_args).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        Command::new(script())
-            .args(["rate", "--name", &name, "--rate", "20mbit"])
-            .status()
-            .unwrap();
+        link.set_rate("20mbit");
         let o = child.wait_with_output().unwrap();
         let refused = String::from_utf8_lossy(&o.stderr).contains("refused");
         if o.status.success() || !refused || t.elapsed() > Duration::from_secs(60) {
             break o;
         }
-        Command::new(script())
-            .args(["rate", "--name", &name, "--rate", "2gbit"])
-            .status()
-            .unwrap();
+        link.set_rate("2gbit");
     };
     let ro = recv.wait_with_output().unwrap();
     assert!(

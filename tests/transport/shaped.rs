@@ -2,67 +2,29 @@
 //! (tests/netns/shaped-link.sh), `kvwire recv` in one, `kvwire send` in the other. Needs root;
 //! skipped with a message where namespaces are unavailable.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvwire_codec::{EncodeOptions, Level};
-use kvwire_tests::{check_within_bound, fixture, fixture_path, kvwire_bin};
+use kvwire_tests::{check_within_bound, fixture, fixture_path, kvwire_bin, ShapedLink};
 
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("netns/shaped-link.sh")
-}
-
-/// Removes the namespaces however the test ends.
-struct Link(String);
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .args(["down", "--name", &self.0])
-            .status();
-    }
-}
-
-fn exec(name: &str, side: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(script());
-    c.args(["exec", side, "--name", name, "--"])
-        .arg(kvwire_bin())
-        .args(args);
+fn exec(link: &ShapedLink, side: &str, args: &[&str]) -> Command {
+    let mut c = link.exec(side, kvwire_bin());
+    c.args(args);
     c
 }
 
 #[test]
 fn a_kv_file_crosses_a_1_gbit_shaped_link() {
-    let check = Command::new(script())
-        .arg("check")
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    if !check.status.success() {
-        eprintln!(
-            "SKIPPED a_kv_file_crosses_a_1_gbit_shaped_link: {}",
-            String::from_utf8_lossy(&check.stderr).trim()
-        );
+    let Some(link) = ShapedLink::up("a_kv_file_crosses_a_1_gbit_shaped_link", "1gbit") else {
         return;
-    }
-    let name = format!("kvwt{}", std::process::id());
-    let up = Command::new(script())
-        .args(["up", "--name", &name, "--rate", "1gbit"])
-        .output()
-        .unwrap();
-    let _guard = Link(name.clone());
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    };
     let dir = tempfile::tempdir().unwrap();
     for (i, level) in ["raw", "cg-default"].into_iter().enumerate() {
         let out = dir.path().join(format!("{level}.safetensors"));
         let addr = format!("192.0.2.2:{}", 47300 + i);
         let recv = exec(
-            &name,
+            &link,
             "b",
             &[
                 "recv",
@@ -81,7 +43,7 @@ fn a_kv_file_crosses_a_1_gbit_shaped_link() {
         let t = Instant::now();
         let send = loop {
             let o = exec(
-                &name,
+                &link,
                 "a",
                 &[
                     "send",
