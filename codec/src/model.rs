@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::rans::{DecTable, EncSymbol, PROB_SCALE};
+use crate::rans::{push_dec_slots, DecSlot, EncSymbol, PROB_SCALE};
 
 /// Shapes in the family.
 pub const SHAPES: usize = 2;
@@ -66,11 +66,16 @@ pub const fn member(shape: usize, scale: usize, offset: usize) -> usize {
     (shape * SCALES + scale) * 2 + offset
 }
 
+/// Residual indices a table has room for (`2·63 + 1` used at most); fixed so that indexing
+/// with a masked residual needs no bounds check.
+pub const MAX_RESIDUALS: usize = 128;
+
 /// One member of the family: encoder parameters and code lengths per residual.
 #[derive(Debug)]
 pub struct ResidualTable {
-    /// Encoder parameters per residual index (`r + half_width`).
-    pub enc: Vec<EncSymbol>,
+    /// Encoder parameters per residual index (`r + half_width`); entries past `2·half_width`
+    /// are unused.
+    pub enc: Box<[EncSymbol; MAX_RESIDUALS]>,
     /// Code length in bits per residual index.
     pub cost: Vec<f32>,
     /// Frequency per residual index.
@@ -84,8 +89,52 @@ pub struct ModelSet {
     pub half_width: u32,
     /// `member(shape, scale, offset)` -> table.
     pub tables: Vec<ResidualTable>,
-    /// `member(shape, scale, offset)` -> decoder table.
-    pub dec: Vec<Box<DecTable>>,
+    /// Every member's [`PROB_SCALE`] decoder slots, member after member: member `k`'s table
+    /// starts at `k · PROB_SCALE`. One array, so a SIMD decoder gathers from it with one base.
+    pub slots: SlotArray,
+}
+
+/// The decoder slots of a model set: 3 MiB, read at uniformly random slots of up to 32
+/// members at once, so it lives on 2 MiB pages where the kernel grants them (with 4 KiB
+/// pages the TLB misses cost more than the decoding).
+pub struct SlotArray {
+    map: memmap2::MmapMut,
+    offset: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for SlotArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotArray({} slots)", self.len)
+    }
+}
+
+impl SlotArray {
+    const HUGE_PAGE: usize = 2 << 20;
+
+    fn new(slots: &[DecSlot]) -> Self {
+        let bytes = size_of_val(slots);
+        // A mapping one huge page larger than needed holds a huge-page-aligned range.
+        let mut map = memmap2::MmapMut::map_anon(bytes + Self::HUGE_PAGE)
+            .unwrap_or_else(|e| panic!("cannot map {bytes} bytes of model tables: {e}"));
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        let offset = map.as_ptr().align_offset(Self::HUGE_PAGE);
+        let dst: &mut [DecSlot] = bytemuck::cast_slice_mut(&mut map[offset..offset + bytes]);
+        dst.copy_from_slice(slots);
+        Self {
+            map,
+            offset,
+            len: slots.len(),
+        }
+    }
+}
+
+impl std::ops::Deref for SlotArray {
+    type Target = [DecSlot];
+    fn deref(&self) -> &[DecSlot] {
+        bytemuck::cast_slice(&self.map[self.offset..self.offset + 4 * self.len])
+    }
 }
 
 impl ModelSet {
@@ -101,12 +150,21 @@ impl ModelSet {
                 }
             }
         }
-        let dec = tables.iter().map(|t| DecTable::new(&t.freq)).collect();
+        let mut slots = Vec::with_capacity(tables.len() * PROB_SCALE as usize);
+        for t in &tables {
+            push_dec_slots(&t.freq, &mut slots);
+        }
         Self {
             half_width,
             tables,
-            dec,
+            slots: SlotArray::new(&slots),
         }
+    }
+
+    /// The decoder slots of member `k`.
+    pub fn member_slots(&self, k: usize) -> &[DecSlot; PROB_SCALE as usize] {
+        let s = &self.slots[k * PROB_SCALE as usize..(k + 1) * PROB_SCALE as usize];
+        s.try_into().expect("PROB_SCALE slots")
     }
 
     /// The shared model set of `half_width`, built on first use.
@@ -165,11 +223,11 @@ fn table_from_probabilities(p: &[f64]) -> ResidualTable {
         sum += 1;
         i += 1;
     }
-    let mut enc = Vec::with_capacity(n);
+    let mut enc = Box::new([EncSymbol::default(); MAX_RESIDUALS]);
     let mut cost = Vec::with_capacity(n);
     let mut start = 0u32;
-    for &f in &freq {
-        enc.push(EncSymbol::new(start, f));
+    for (i, &f) in freq.iter().enumerate() {
+        enc[i] = EncSymbol::new(start, f);
         cost.push((PROB_SCALE as f32 / f as f32).log2());
         start += f;
     }
@@ -213,10 +271,10 @@ mod tests {
         let set = ModelSet::build(14);
         assert_eq!(set.tables.len(), SHAPES * SCALES * 2);
         for t in &set.tables {
-            assert_eq!(t.enc.len(), 29);
-            let sum: u32 = t.enc.iter().map(|e| e.freq()).sum();
+            assert_eq!(t.freq.len(), 29);
+            let sum: u32 = t.enc[..29].iter().map(|e| e.freq()).sum();
             assert_eq!(sum, PROB_SCALE);
-            assert!(t.enc.iter().all(|e| e.freq() >= 1));
+            assert!(t.enc[..29].iter().all(|e| e.freq() >= 1));
         }
         // A narrow centred member puts most mass on residual 0.
         let t = &set.tables[member(0, 0, 0)];

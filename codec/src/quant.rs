@@ -14,7 +14,6 @@
 //! plus the output dtype's rounding of `x^`.
 
 use crate::dtype::DType;
-use half::slice::HalfFloatSliceExt;
 
 /// Largest bin count a level may use: symbols must fit a byte.
 pub const MAX_BINS: u32 = 256;
@@ -86,33 +85,18 @@ pub(crate) fn quantize_row_with_scale(row: &[f32], bins: u32, m: f32, out: &mut 
     }
 }
 
-/// The decoded value of every symbol of a row with scale `m`, as bits of `out_dtype`.
-///
-/// `lut[q] = out_dtype(((q - MAX) / MAX) * m)` for `q` in `0..alphabet(bins)`; further
-/// entries (which a valid stream never produces) decode as the top level.
-#[inline]
-pub fn dequant_lut(bins: u32, m: f32, out_dtype: DType, lut: &mut [u32; 256]) {
-    let max = max_level(bins);
-    let maxf = max as f32;
+/// The decoded value of every symbol of a row with scale 1: `(q - MAX) / MAX` in f32 for
+/// `q` in `0..alphabet(bins)`; further entries (which a valid stream never produces) decode
+/// as the top level. A row with scale `m` decodes symbol `q` to `values[q] · m` (f32), then
+/// rounds it to the output dtype.
+pub fn level_values(bins: u32) -> [f32; 256] {
+    let max = max_level(bins) as f32;
     let n = alphabet(bins) as usize;
     let mut v = [0f32; 256];
-    for (q, e) in v.iter_mut().enumerate().take(n) {
-        *e = ((q as f32 - maxf) / maxf) * m;
+    for (q, e) in v.iter_mut().enumerate() {
+        *e = (q.min(n - 1) as f32 - max) / max;
     }
-    if out_dtype == DType::F16 {
-        // One vectorized conversion instead of one feature-checked call per entry.
-        let mut h = [half::f16::ZERO; 256];
-        h[..n].convert_from_f32_slice(&v[..n]);
-        for (e, x) in lut.iter_mut().zip(&h[..n]) {
-            *e = x.to_bits() as u32;
-        }
-    } else {
-        for (e, &x) in lut.iter_mut().zip(&v[..n]) {
-            *e = out_dtype.bits_from_f32(x);
-        }
-    }
-    let top = lut[n - 1];
-    lut[n..].fill(top);
+    v
 }
 
 /// The documented bound on `|x - x^|` for an element of a row with scale `m` decoded into
@@ -153,12 +137,10 @@ mod tests {
         let mut q = [0u8; 8];
         let bits = quantize_row(&row, 32, DType::F16, &mut q).unwrap();
         assert_eq!(q, [15; 8]);
-        let mut lut = [0u32; 256];
-        dequant_lut(32, DType::F16.scale_value(bits), DType::F16, &mut lut);
-        assert_eq!(DType::F16.f32_from_bits(lut[15]), 0.0);
-        assert!(q
-            .iter()
-            .all(|&s| !DType::F16.f32_from_bits(lut[s as usize]).is_nan()));
+        let v = level_values(32);
+        let m = DType::F16.scale_value(bits);
+        assert_eq!(v[15] * m, 0.0);
+        assert!(q.iter().all(|&s| !(v[s as usize] * m).is_nan()));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! always suffices), then `x' = (x / f) << PROB_BITS + x % f + start`. The division is a
 //! multiply by `m = ceil(2^(31+s) / f)` with `s = ceil(log2 f)`, which is exact for every
 //! `x < 2^31`: the error term `x·(m·f - 2^(31+s)) / (f·2^(31+s))` stays below `1/f`.
-//! Decoding inverts it with a slot table.
+//! Decoding inverts it with a table of packed slots ([`DecSlot`]).
 
 /// Bits of probability precision: frequencies sum to `1 << PROB_BITS`.
 pub const PROB_BITS: u32 = 12;
@@ -67,50 +67,27 @@ pub fn encode_into(x: &mut u32, words: &mut [u16], pos: &mut usize, s: &EncSymbo
     *x = v + s.start + q * s.cmpl;
 }
 
-/// A decoder's view of one table: the symbol of every slot, and each symbol's frequency and
-/// start. Fixed-size arrays indexed by masked values, so lookups need no bounds checks.
-#[derive(Debug, Clone)]
-pub struct DecTable {
-    /// Symbol of each slot.
-    pub sym: [u8; PROB_SCALE as usize],
-    /// `freq | start << 16` per symbol (unused entries hold `1`).
-    pub freq_start: [u32; 256],
-}
+/// A decoder's entry for one slot (`x mod PROB_SCALE`) of a table, packed in a `u32` so that
+/// decoding a symbol is one load: bits 0..13 the symbol's frequency, bits 13..25 the slot's
+/// offset from the symbol's start, bits 25..32 the symbol (at most 127).
+pub type DecSlot = u32;
 
-impl DecTable {
-    /// The table of a frequency list (in symbol order) that sums to [`PROB_SCALE`].
-    pub fn new(freqs: &[u32]) -> Box<Self> {
-        let mut t = Box::new(Self {
-            sym: [0; PROB_SCALE as usize],
-            freq_start: [1; 256],
-        });
-        let mut start = 0u32;
-        for (s, &f) in freqs.iter().enumerate() {
-            t.sym[start as usize..(start + f) as usize].fill(s as u8);
-            t.freq_start[s] = f | start << 16;
-            start += f;
-        }
-        t
+/// The [`PROB_SCALE`] decoder slots of a frequency list (in symbol order, at most 128 symbols)
+/// that sums to [`PROB_SCALE`], appended to `out`.
+pub fn push_dec_slots(freqs: &[u32], out: &mut Vec<DecSlot>) {
+    debug_assert!(freqs.len() <= 128 && freqs.iter().sum::<u32>() == PROB_SCALE);
+    for (s, &f) in freqs.iter().enumerate() {
+        out.extend((0..f).map(|k| f | k << 13 | (s as u32) << 25));
     }
 }
 
-/// Decodes one symbol from state `x` with table `t`, refilling from `words` at
-/// `*pos`. The caller guarantees `*pos < words.len()` at every call (it pads each stream
-/// with one zero word per symbol it may decode); a stream that reads its padding is corrupt
-/// and the caller's final state check reports it.
+/// Decodes one symbol from state `x` with the slot table `slots` (length [`PROB_SCALE`]),
+/// without the refill; the caller refills while `x < RANS_L`.
 #[inline(always)]
-pub fn decode(x: &mut u32, t: &DecTable, words: &[u16], pos: &mut usize) -> u32 {
-    let slot = *x & (PROB_SCALE - 1);
-    let sym = t.sym[slot as usize];
-    let fs = t.freq_start[sym as usize];
-    let v = (fs & 0xFFFF) * (*x >> PROB_BITS) + slot - (fs >> 16);
-    // Branch-free refill (a branch here mispredicts on ~1 symbol in 7, and measured 18 %
-    // slower): shift in 16 bits and the next word only when the state fell below RANS_L.
-    let need = (v < RANS_L) as u32;
-    let w = words[*pos] as u32;
-    *x = (v << (need << 4)) | (w & need.wrapping_neg());
-    *pos += need as usize;
-    sym as u32
+pub fn decode_slot(x: &mut u32, slots: &[DecSlot; PROB_SCALE as usize]) -> u32 {
+    let e = slots[(*x & (PROB_SCALE - 1)) as usize];
+    *x = (e & 0x1FFF) * (*x >> PROB_BITS) + ((e >> 13) & 0xFFF);
+    e >> 25
 }
 
 #[cfg(test)]
@@ -148,7 +125,9 @@ mod tests {
         let enc: Vec<_> = (0..3)
             .map(|i| EncSymbol::new(starts[i], freqs[i]))
             .collect();
-        let dt = DecTable::new(&freqs);
+        let mut dt = Vec::new();
+        push_dec_slots(&freqs, &mut dt);
+        let dt: &[DecSlot; PROB_SCALE as usize] = dt.as_slice().try_into().unwrap();
         let msg: Vec<u32> = (0..1000).map(|i| (i * 7 % 11 % 3) as u32).collect();
         let mut x = RANS_L;
         let mut words = vec![0u16; msg.len() + 2];
@@ -158,14 +137,17 @@ mod tests {
         }
         words[pos - 2] = (x >> 16) as u16;
         words[pos - 1] = x as u16;
-        let mut words = words[pos - 2..].to_vec();
-        words.resize(words.len() + msg.len(), 0);
+        let words = words[pos - 2..].to_vec();
         let mut p = 2;
         let mut y = (words[0] as u32) << 16 | words[1] as u32;
         for &m in &msg {
-            assert_eq!(decode(&mut y, &dt, &words, &mut p), m);
+            assert_eq!(decode_slot(&mut y, dt), m);
+            if y < RANS_L {
+                y = y << 16 | words[p] as u32;
+                p += 1;
+            }
         }
         assert_eq!(y, RANS_L);
-        assert_eq!(p, words.len() - msg.len());
+        assert_eq!(p, words.len());
     }
 }

@@ -10,7 +10,6 @@ use std::cell::RefCell;
 thread_local! {
     static BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static WORDS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
-    static LANE_WORDS: RefCell<Vec<Vec<u16>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with this thread's byte buffer, cleared and zero-filled to `len`.
@@ -29,17 +28,5 @@ pub(crate) fn with_words<R>(f: impl FnOnce(&mut Vec<u16>) -> R) -> R {
     v.clear();
     let r = f(&mut v);
     WORDS.with(|c| *c.borrow_mut() = v);
-    r
-}
-
-/// Runs `f` with `n` word buffers of this thread, each cleared (capacity kept).
-pub(crate) fn with_lane_words<R>(n: usize, f: impl FnOnce(&mut [Vec<u16>]) -> R) -> R {
-    let mut v = LANE_WORDS.with(|c| c.take());
-    v.resize_with(n, Vec::new);
-    for b in v.iter_mut() {
-        b.clear();
-    }
-    let r = f(&mut v[..n]);
-    LANE_WORDS.with(|c| *c.borrow_mut() = v);
     r
 }

@@ -151,7 +151,8 @@ fn forged_headers_with_valid_crcs_are_rejected() {
             cases.push((name.to_string(), h));
         };
         add("version 0", &|h| h.version = 0);
-        add("version 2", &|h| h.version = 2);
+        add("version 1 (the 4-lane format)", &|h| h.version = 1);
+        add("version 3", &|h| h.version = 3);
         add("level 6", &|h| h.level = 6);
         add("level 255", &|h| h.level = 255);
         add("dtype 0", &|h| h.dtype = 0);

@@ -5,9 +5,10 @@ use crate::dtype::{bf16_bits_round_up, DType};
 use crate::error::{CodecError, DecodeError, Result};
 use crate::layout::{KvView, Part};
 use crate::level::Level;
-use crate::native::{self, ChannelAlphabets};
-use crate::quant::{self, alphabet, max_level};
+use crate::native::{self, BlockSymbols};
+use crate::quant::{self, alphabet};
 use crate::{lmcache, Header};
+use half::slice::HalfFloatSliceExt;
 
 /// LMCache codes each stream over at most this many tokens.
 const LMCACHE_GROUP: usize = 256;
@@ -18,7 +19,7 @@ struct QuantBlock {
     scales: [Vec<u16>; 2],
     /// Per-channel K scale bits (bf16), when the header asks for them.
     channel_scales: Option<Vec<u16>>,
-    /// Symbols `[part·C + channel][token]`.
+    /// Symbols, token-major per part: `[part][token][channel]`.
     syms: Vec<u8>,
 }
 
@@ -98,9 +99,7 @@ fn quantize(header: &Header, view: &KvView<'_>, at: BlockAt) -> Result<QuantBloc
                     token: t0 + i,
                 })?;
             scales[p][i] = bits;
-            for (ch, &s) in q.iter().enumerate() {
-                syms[(p * c + ch) * n + i] = s;
-            }
+            syms[(p * n + i) * c..(p * n + i + 1) * c].copy_from_slice(&q);
         }
     }
     Ok(QuantBlock {
@@ -161,14 +160,18 @@ pub(crate) fn encode_payload(
         Level::Raw => unreachable!("handled above"),
         Level::Q8 => out.extend_from_slice(&qb.syms),
         Level::CgHigh | Level::CgDefault | Level::CgLow => {
-            let alpha = ChannelAlphabets {
-                first: c,
-                first_width: alphabet(bk) - 1,
-                rest_width: alphabet(bv) - 1,
+            let b = BlockSymbols {
+                n,
+                channels: c,
+                widths: [alphabet(bk) - 1, alphabet(bv) - 1],
             };
-            native::encode_channels(&qb.syms, n, alpha, out);
+            native::encode_symbols(&qb.syms, b, out);
         }
-        Level::Lmcache => encode_lmcache(header, &qb.syms, c, n, out),
+        Level::Lmcache => {
+            let mut streams = vec![0u8; qb.syms.len()];
+            transpose(&qb.syms, n, c, &mut streams);
+            encode_lmcache(header, &streams, c, n, out);
+        }
     }
     Ok(())
 }
@@ -255,74 +258,114 @@ pub(crate) fn decode_payload(
                 syms.copy_from_slice(r.take(2 * c * n)?);
                 let top = (alphabet(256) - 1) as u8;
                 if let Some(i) = syms.iter().position(|&s| s > top) {
-                    return Err(DecodeError::SymbolOutOfRange { stream: i / n });
+                    let stream = i / (n * c) * c + i % c;
+                    return Err(DecodeError::SymbolOutOfRange { stream });
                 }
             }
             Level::CgHigh | Level::CgDefault | Level::CgLow => {
-                let alpha = ChannelAlphabets {
-                    first: c,
-                    first_width: alphabet(bk) - 1,
-                    rest_width: alphabet(bv) - 1,
+                let b = BlockSymbols {
+                    n,
+                    channels: c,
+                    widths: [alphabet(bk) - 1, alphabet(bv) - 1],
                 };
                 let rest = r.take(r.remaining())?;
-                native::decode_channels(rest, n, alpha, syms)?;
+                native::decode_symbols(rest, b, syms)?;
             }
-            Level::Lmcache => decode_lmcache(header, &mut r, c, n, [bk, bv], syms)?,
+            Level::Lmcache => {
+                let mut streams = vec![0u8; syms.len()];
+                decode_lmcache(header, &mut r, c, n, [bk, bv], &mut streams)?;
+                untranspose(&streams, n, c, syms);
+            }
         }
-        let mut lut = [0u32; 256];
         let cs: Option<Vec<f32>> = channel_scales.map(|v| {
             v.iter()
                 .map(|&b| DType::BF16.f32_from_bits(b as u32))
                 .collect()
         });
+        let mut vals = vec![0f32; c];
+        let mut bits = vec![half::f16::ZERO; c];
         for (p, part) in Part::BOTH.into_iter().enumerate() {
             let bins = if p == 0 { bk } else { bv };
-            let psyms = &syms[p * c * n..(p + 1) * c * n];
-            for i in 0..n {
+            let levels = quant::level_values(bins);
+            let rows = &syms[p * c * n..(p + 1) * c * n];
+            for (i, row) in rows.chunks_exact(c).enumerate() {
                 let m = spec.dtype.scale_value(scales[p][i]);
                 let runs = spec.row_runs(0, part, t0 + i);
-                match (part, &cs) {
-                    (Part::K, Some(cs)) => {
-                        let max = max_level(bins) as f32;
-                        // The channel scale is rounded up to bf16, so `m · cs` may exceed the
-                        // output dtype's range (f16 near 65504); no input value did, so
-                        // clamping only moves the value towards it.
-                        let lim = spec.dtype.max_finite();
-                        write_row(out, es, runs, |ch| {
-                            let q = psyms[ch * n + i] as f32;
-                            let v = ((q - max) / max) * m * cs[ch];
-                            spec.dtype.bits_from_f32(v.clamp(-lim, lim))
-                        });
-                    }
-                    _ => {
-                        quant::dequant_lut(bins, m, spec.dtype, &mut lut);
-                        write_row(out, es, runs, |ch| lut[psyms[ch * n + i] as usize]);
+                // x^ = ((q - MAX) / MAX) · m (· s_c), in f32, then the output dtype.
+                for (v, &q) in vals.iter_mut().zip(row) {
+                    *v = levels[q as usize] * m;
+                }
+                if let (Part::K, Some(cs)) = (part, &cs) {
+                    // The channel scale is rounded up to bf16, so `m · cs` may exceed the
+                    // output dtype's range (f16 near 65504); no input value did, so clamping
+                    // only moves the value towards it.
+                    let lim = spec.dtype.max_finite();
+                    for (v, &s) in vals.iter_mut().zip(cs) {
+                        *v = (*v * s).clamp(-lim, lim);
                     }
                 }
+                write_row(out, spec.dtype, runs, &vals, &mut bits);
             }
         }
         finish(&r)
     })
 }
 
+/// Writes one row of values into its runs of `out`, rounded to `dtype`.
 #[inline]
 fn write_row(
     out: &mut [u8],
-    es: usize,
+    dtype: DType,
     r: crate::layout::RowRuns,
-    mut bits: impl FnMut(usize) -> u32,
+    vals: &[f32],
+    bits: &mut [half::f16],
 ) {
+    let es = dtype.size();
+    if dtype == DType::F16 {
+        // One vectorized conversion (F16C where present) for the whole row.
+        bits.convert_from_f32_slice(vals);
+    }
     for run in 0..r.runs {
         let at = (r.start + run * r.stride) * es;
         let dst = &mut out[at..at + r.run_len * es];
         let c0 = run * r.run_len;
-        if es == 2 {
-            for (d, e) in dst.chunks_exact_mut(2).enumerate() {
-                e.copy_from_slice(&(bits(c0 + d) as u16).to_le_bytes());
+        match dtype {
+            DType::F16 => {
+                for (e, b) in dst.chunks_exact_mut(2).zip(&bits[c0..c0 + r.run_len]) {
+                    e.copy_from_slice(&b.to_bits().to_le_bytes());
+                }
             }
-        } else {
-            for (d, e) in dst.chunks_exact_mut(4).enumerate() {
-                e.copy_from_slice(&bits(c0 + d).to_le_bytes());
+            DType::BF16 => {
+                for (e, &v) in dst.chunks_exact_mut(2).zip(&vals[c0..c0 + r.run_len]) {
+                    e.copy_from_slice(&(dtype.bits_from_f32(v) as u16).to_le_bytes());
+                }
+            }
+            DType::F32 => {
+                for (e, &v) in dst.chunks_exact_mut(4).zip(&vals[c0..c0 + r.run_len]) {
+                    e.copy_from_slice(&v.to_bits().to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Token-major symbols (`[part][token][channel]`) to stream-major (`[part·C + channel][token]`).
+fn transpose(rows: &[u8], n: usize, c: usize, streams: &mut [u8]) {
+    for p in 0..2 {
+        for t in 0..n {
+            for ch in 0..c {
+                streams[(p * c + ch) * n + t] = rows[(p * n + t) * c + ch];
+            }
+        }
+    }
+}
+
+/// The inverse of [`transpose`].
+fn untranspose(streams: &[u8], n: usize, c: usize, rows: &mut [u8]) {
+    for p in 0..2 {
+        for t in 0..n {
+            for ch in 0..c {
+                rows[(p * n + t) * c + ch] = streams[(p * c + ch) * n + t];
             }
         }
     }

@@ -11,7 +11,7 @@ pub const FILE_MAGIC: [u8; 4] = *b"KVWC";
 /// First four bytes of every block.
 pub const BLOCK_MAGIC: [u8; 4] = *b"KVWB";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// Bytes of a block header.
 pub const BLOCK_HEADER_LEN: usize = 24;
 /// Header flag: K is divided by a per-channel scale before per-token quantization.
@@ -223,10 +223,9 @@ impl Header {
         let payload = match self.level {
             Level::Raw => 2 * c * self.spec.dtype.size() as u64 * layers * tokens,
             Level::Q8 => scales + 2 * c * layers * tokens,
-            // Per block: every channel's model, the lane word counts and two state words per lane.
+            // Per block: every channel's model, the word count and two state words per lane.
             Level::CgHigh | Level::CgDefault | Level::CgLow => {
-                let per_block = crate::native::models_len(2 * s.channels()) as u64
-                    + 8 * crate::native::LANES as u64;
+                let per_block = crate::native::min_coded_len(s.channels()) as u64;
                 scales + blocks * per_block
             }
             // Per block: the CDF tables (at least 4 entries per channel), one length per stream.

@@ -1,8 +1,9 @@
 //! The native symbol coder of the `cg-*` levels: per-channel parametric models, prediction from
-//! the previous token, and 4-lane interleaved rANS.
+//! the previous token, and 32 rANS lanes sharing one interleaved word sequence.
 //!
-//! A block holds the symbols of `channels` streams (K channels, then V channels) over `n`
-//! tokens, channel-major. For each channel the encoder picks a [`ChannelModel`]:
+//! A block's symbols are held token-major per part ([`BlockSymbols`]): the row of K symbols of
+//! each token, then the V rows, as the quantizer produces them and the dequantizer consumes
+//! them. Each (part, channel) is a *stream*; for each the encoder picks a [`ChannelModel`]:
 //!
 //! * a prediction `base[t]` in whole symbols: for `rho = 0`, `mu2 >> 1` for every token;
 //!   otherwise `(mu2 + 1) >> 1` for the block's first token and
@@ -10,32 +11,30 @@
 //!   previous symbol, the rest the channel's mean `mu2` in half symbols, rounded);
 //! * a residual `r = s[t] - base[t]`, coded with the family member (`shape`, `scale`, offset)
 //!   of [`crate::model`], where the offset is `mu2 & 1` for `rho = 0` (the distribution is
-//!   centred on the half-symbol mean) and 0 otherwise. The table is fixed for the channel, so
+//!   centred on the half-symbol mean) and 0 otherwise. The table is fixed for the stream, so
 //!   the decoder's rANS chain never waits for a decoded symbol.
 //!
-//! The encoder picks `rho` from the channel's mean, variance and lag-1 covariance (the weight
-//! that leaves the least residual variance), then tries both shapes and the scales around the
-//! residuals' spread and keeps the choice of least exact code length. A channel's model costs [`MODEL_BITS`] bits.
-//!
-//! Lanes: the K channels, then the V channels, are taken [`LANES`] at a time; within such a
-//! group, token by token, lane `j` codes the group's channel `j` (a partial group at the end of
-//! a part codes its lanes one after another). A lane's symbols depend only on its own earlier ones, so
-//! the decoder runs `LANES` independent dependency chains. Each lane has its own word stream
-//! (a shared one would chain every lane's refill to the previous lane's), written backwards
-//! by the encoder so the decoder reads it forwards.
+//! Lanes: the K streams, then the V streams, are taken [`LANES`] at a time; within such a
+//! group, token by token, lane `j` codes the group's stream `j`, lanes in ascending order. All
+//! lanes share one word sequence: a lane that needs a word takes the next one. A SIMD or GPU
+//! decoder so handles 8 or 32 lanes per step, finding each lane's word by a prefix popcount of
+//! the refill mask (the reason for the layout: per-lane word streams would need a gather per
+//! refill, and a warp of 32 threads maps one thread to one lane). The encoder runs the exact
+//! reverse order and writes words backwards, so the decoder reads them forwards.
 
 mod choose;
+mod lanes;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 pub use choose::choose_model;
-use choose::choose_model_residuals;
 
 use crate::bits::{BitReader, BitWriter};
 use crate::error::DecodeError;
-use crate::model::{member, ModelSet, ResidualTable, SCALES, SHAPES};
-use crate::rans::{self, DecTable, EncSymbol, RANS_L};
+use crate::model::{member, ModelSet, SCALES, SHAPES};
 
-/// Interleaved rANS lanes per block.
-pub const LANES: usize = 4;
+/// rANS lanes per block (and streams per group).
+pub const LANES: usize = 32;
 /// Bits of one channel's model description.
 pub const MODEL_BITS: u32 = RHO_BITS + MU_BITS + SHAPE_BITS + SCALE_BITS;
 const RHO_BITS: u32 = 3;
@@ -58,103 +57,119 @@ pub struct ChannelModel {
     pub scale: u8,
 }
 
-/// The prediction arithmetic of one channel, in the form the inner loops use.
+/// The prediction arithmetic of one stream, in the form the inner loops use: the prediction
+/// after symbol `s` is `(rho2·s + bias) >> 4` (for `rho = 0`, `rho2 = 0` and `bias = 16·first`,
+/// so one formula covers both cases without a branch).
 #[derive(Debug, Clone, Copy)]
-struct Predictor {
-    /// `2·rho` (0: no prediction from the previous symbol).
-    rho2: u32,
-    /// `(8 - rho)·mu2 + 8`.
-    bias: u32,
-    /// Prediction of the first token (and of every token when `rho2 == 0`).
-    first: u32,
-    /// Centre offset of the channel's table (0 or 1 half symbol).
-    offset: usize,
+pub(crate) struct Predictor {
+    /// `2·rho`.
+    pub(crate) rho2: u32,
+    /// `(8 - rho)·mu2 + 8`, or `16·first` when `rho = 0`.
+    pub(crate) bias: u32,
+    /// Prediction of the first token.
+    pub(crate) first: u32,
+    /// Centre offset of the stream's table (0 or 1 half symbol).
+    pub(crate) offset: usize,
 }
 
 impl Predictor {
-    fn new(m: &ChannelModel) -> Self {
+    pub(crate) fn new(m: &ChannelModel) -> Self {
         let rho = RHOS[m.rho as usize];
         let mu2 = m.mu2 as u32;
+        let first = if rho == 0 { mu2 >> 1 } else { (mu2 + 1) >> 1 };
         Self {
             rho2: 2 * rho,
-            bias: (8 - rho) * mu2 + 8,
-            first: if rho == 0 { mu2 >> 1 } else { (mu2 + 1) >> 1 },
+            bias: if rho == 0 {
+                16 * first
+            } else {
+                (8 - rho) * mu2 + 8
+            },
+            first,
             offset: if rho == 0 { (mu2 & 1) as usize } else { 0 },
         }
     }
-    /// The prediction after symbol `prev`.
-    #[inline(always)]
-    fn next(&self, prev: u32) -> u32 {
-        if self.rho2 == 0 {
-            self.first
+}
+
+/// The shape of a block's symbols: `n` tokens of `channels` K streams and as many V streams,
+/// token-major per part: the symbol of (part `p`, token `t`, channel `c`) is at
+/// `(p·n + t)·channels + c`. `widths` are the K and V alphabets' half widths (`bins - 2`): a
+/// symbol of part `p` lies in `0..=widths[p]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSymbols {
+    /// Tokens.
+    pub n: usize,
+    /// Channels per part.
+    pub channels: usize,
+    /// Half width of the K and of the V alphabet, each in `1..=63`.
+    pub widths: [u32; 2],
+}
+
+impl BlockSymbols {
+    /// Symbols in the block (`2·n·channels`).
+    pub const fn len(&self) -> usize {
+        2 * self.n * self.channels
+    }
+
+    /// Whether the block has no symbols.
+    pub const fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Lanes the block uses: `min(channels, LANES)`.
+    pub const fn lanes(&self) -> usize {
+        if self.channels < LANES {
+            self.channels
         } else {
-            (self.rho2 * prev + self.bias) >> 4
+            LANES
         }
+    }
+
+    /// The lane groups in decoding order: `(part, first channel, streams)`.
+    pub(crate) fn groups(&self) -> impl DoubleEndedIterator<Item = (usize, usize, usize)> {
+        let c = self.channels;
+        (0..2).flat_map(move |p| (0..c).step_by(LANES).map(move |g0| (p, g0, LANES.min(c - g0))))
+    }
+
+    /// The stream index (`p·channels + c`) of part `p`, channel `c`.
+    const fn stream(&self, p: usize, c: usize) -> usize {
+        p * self.channels + c
     }
 }
 
-/// The residual half widths of a block's channels: the first `first` channels (K) use
-/// `first_width`, the rest (V) `rest_width`; each is `bins - 2`.
+/// What the coding loops need of one stream: its predictor and its family member.
 #[derive(Debug, Clone, Copy)]
-pub struct ChannelAlphabets {
-    /// Channels that use `first_width` (the K channels).
-    pub first: usize,
-    /// Half width of the first `first` channels.
-    pub first_width: u32,
-    /// Half width of the rest (the V channels).
-    pub rest_width: u32,
+pub(crate) struct StreamCode {
+    pub(crate) pred: Predictor,
+    /// `member(shape, scale, offset)`.
+    pub(crate) member: usize,
 }
 
-/// What the coding loops need of one channel.
-struct Lane<'a> {
-    pred: Predictor,
-    table: &'a ResidualTable,
-    dec: &'a DecTable,
-    width: u32,
-}
-
-fn lanes_of<'a>(
-    models: &[ChannelModel],
-    alpha: ChannelAlphabets,
-    sets: &'a [std::sync::Arc<ModelSet>; 2],
-) -> Vec<Lane<'a>> {
+fn stream_codes(models: &[ChannelModel]) -> Vec<StreamCode> {
     models
         .iter()
-        .enumerate()
-        .map(|(ch, m)| {
-            let set = &sets[(ch >= alpha.first) as usize];
+        .map(|m| {
             let pred = Predictor::new(m);
-            let k = member(m.shape as usize, m.scale as usize, pred.offset);
-            Lane {
+            StreamCode {
                 pred,
-                table: &set.tables[k],
-                dec: &set.dec[k],
-                width: set.half_width,
+                member: member(m.shape as usize, m.scale as usize, pred.offset),
             }
         })
         .collect()
 }
 
-/// Appends the coded form of channel-major `syms` (`channels × n`, each symbol within its
-/// channel's alphabet) to `out`: the models bit-packed, then [`LANES`] word counts (`u32`),
-/// then each lane's words (its initial state first, high half first), little-endian.
-pub fn encode_channels(syms: &[u8], n: usize, alpha: ChannelAlphabets, out: &mut Vec<u8>) {
-    let channels = syms.len() / n;
-    let sets = [
-        ModelSet::get(alpha.first_width),
-        ModelSet::get(alpha.rest_width),
-    ];
-    // The models, and each symbol's residual index under its channel's model.
+/// The model sets of a block's K and V alphabets.
+fn model_sets(b: &BlockSymbols) -> [std::sync::Arc<ModelSet>; 2] {
+    [ModelSet::get(b.widths[0]), ModelSet::get(b.widths[1])]
+}
+
+/// Appends the coded form of `syms` (laid out as `b` says, each symbol within its part's
+/// alphabet) to `out`: the models bit-packed, the word count (`u32`), then the words (`u16`),
+/// little-endian.
+pub fn encode_symbols(syms: &[u8], b: BlockSymbols, out: &mut Vec<u8>) {
+    assert_eq!(syms.len(), b.len(), "symbols do not match the block shape");
+    let sets = model_sets(&b);
     crate::scratch::with_bytes(syms.len(), |residuals| {
-        let models: Vec<ChannelModel> = (0..channels)
-            .map(|ch| {
-                choose_model_residuals(
-                    &syms[ch * n..(ch + 1) * n],
-                    &sets[(ch >= alpha.first) as usize],
-                    &mut residuals[ch * n..(ch + 1) * n],
-                )
-            })
-            .collect();
+        let models = choose::choose_block(syms, b, &sets, residuals);
         let mut bw = BitWriter::default();
         for m in &models {
             bw.put(m.rho as u32, RHO_BITS);
@@ -163,142 +178,106 @@ pub fn encode_channels(syms: &[u8], n: usize, alpha: ChannelAlphabets, out: &mut
             bw.put(m.scale as u32, SCALE_BITS);
         }
         out.extend_from_slice(&bw.finish());
-        let lanes = lanes_of(&models, alpha, &sets);
-        // Each lane has its own word stream, written backwards: at most one word per symbol,
-        // plus the final state.
-        crate::scratch::with_lane_words(LANES, |scratch| {
-            encode_lanes(residuals, n, alpha, &lanes, scratch, out);
+        let codes = stream_codes(&models);
+        crate::scratch::with_words(|words| {
+            let first = lanes::encode(residuals, b, &codes, &sets, words);
+            let w = &words[first..];
+            out.extend_from_slice(&(w.len() as u32).to_le_bytes());
+            out.reserve(2 * w.len());
+            for x in w {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
         });
     });
 }
 
-/// Codes the residual indices of a block (channel-major) into per-lane word buffers
-/// (`scratch`, one per lane) and appends the counts and words to `out`.
-fn encode_lanes(
-    residuals: &[u8],
-    n: usize,
-    alpha: ChannelAlphabets,
-    lanes: &[Lane<'_>],
-    scratch: &mut [Vec<u16>],
-    out: &mut Vec<u8>,
-) {
-    let channels = residuals.len() / n;
-    let mut bufs: Vec<LaneWords<'_>> = lane_symbols(alpha, channels, n)
-        .iter()
-        .zip(scratch.iter_mut())
-        .map(|(&syms_in_lane, buf)| {
-            buf.resize(syms_in_lane + 2, 0);
-            LaneWords {
-                buf,
-                pos: syms_in_lane + 2,
-            }
-        })
-        .collect();
-    let mut states = [RANS_L; LANES];
-    let all: Vec<(usize, usize)> = groups(alpha, channels).collect();
-    for &(c0, k) in all.iter().rev() {
-        let ls = &lanes[c0..c0 + k];
-        let rs = &residuals[c0 * n..(c0 + k) * n];
-        if k == LANES {
-            encode_group::<LANES>(ls, rs, n, &mut states, &mut bufs);
-        } else {
-            for j in (0..k).rev() {
-                encode_group::<1>(
-                    &ls[j..j + 1],
-                    &rs[j * n..(j + 1) * n],
-                    n,
-                    &mut states[j..j + 1],
-                    &mut bufs[j..j + 1],
-                );
-            }
-        }
-    }
-    for (b, &x) in bufs.iter_mut().zip(&states) {
-        b.pos -= 2;
-        b.buf[b.pos] = (x >> 16) as u16;
-        b.buf[b.pos + 1] = x as u16;
-    }
-    for b in &bufs {
-        out.extend_from_slice(&((b.buf.len() - b.pos) as u32).to_le_bytes());
-    }
-    for b in &bufs {
-        out.reserve(2 * (b.buf.len() - b.pos));
-        for w in &b.buf[b.pos..] {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
-    }
+/// Bytes of the model section for `streams` streams.
+pub const fn models_len(streams: usize) -> usize {
+    crate::bits::bytes_for_bits(streams * MODEL_BITS as usize)
 }
 
-/// One lane's word stream while encoding: words are written backwards below `pos`.
-struct LaneWords<'a> {
-    buf: &'a mut Vec<u16>,
-    pos: usize,
+/// Smallest coded size of a block of `channels` channels per part: models, word count and
+/// the lanes' initial states.
+pub const fn min_coded_len(channels: usize) -> usize {
+    let lanes = if channels < LANES { channels } else { LANES };
+    models_len(2 * channels) + 4 + 4 * lanes
 }
 
-/// Encodes `L` lanes (channels `ls`, residual indices `rs`, channel-major) backwards.
-#[inline(always)]
-fn encode_group<const L: usize>(
-    ls: &[Lane<'_>],
-    rs: &[u8],
-    n: usize,
-    states: &mut [u32],
-    bufs: &mut [LaneWords<'_>],
-) {
-    let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
-    let states: &mut [u32; L] = states.try_into().expect("L states");
-    let bufs: &mut [LaneWords<'_>; L] = bufs.try_into().expect("L streams");
-    for t in (0..n).rev() {
-        for j in (0..L).rev() {
-            let e: &EncSymbol = &ls[j].table.enc[rs[j * n + t] as usize];
-            let b = &mut bufs[j];
-            rans::encode_into(&mut states[j], b.buf, &mut b.pos, e);
-        }
-    }
-}
-
-/// Bytes of the model section for `channels` channels.
-pub const fn models_len(channels: usize) -> usize {
-    crate::bits::bytes_for_bits(channels * MODEL_BITS as usize)
-}
-
-/// Decodes what [`encode_channels`] wrote (exactly `bytes`) into channel-major `syms`
-/// (`channels × n`).
+/// Decodes what [`encode_symbols`] wrote (exactly `bytes`) into `syms`, laid out as `b` says.
 ///
 /// # Errors
-/// [`DecodeError`] if a model field is out of range, the words run out, a residual leaves the
-/// alphabet, or a lane does not end in its initial state.
-pub fn decode_channels(
+/// [`DecodeError`] if a model field is out of range, the word count does not match, a symbol
+/// leaves its alphabet, or the lanes do not end in their initial state with every word read.
+pub fn decode_symbols(bytes: &[u8], b: BlockSymbols, syms: &mut [u8]) -> Result<(), DecodeError> {
+    decode_symbols_with(bytes, b, syms, Kernel::Best)
+}
+
+/// Which decoding loop to run (tests compare them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The fastest this CPU has.
+    Best,
+    /// The portable scalar loop.
+    Scalar,
+}
+
+/// [`decode_symbols`] with a chosen loop.
+///
+/// # Errors
+/// As [`decode_symbols`].
+pub fn decode_symbols_with(
     bytes: &[u8],
-    n: usize,
-    alpha: ChannelAlphabets,
+    b: BlockSymbols,
     syms: &mut [u8],
+    kernel: Kernel,
 ) -> Result<(), DecodeError> {
-    let channels = syms.len() / n;
-    let ml = models_len(channels);
-    if bytes.len() < ml + 4 * LANES {
+    assert_eq!(syms.len(), b.len(), "buffer does not match the block shape");
+    let streams = 2 * b.channels;
+    let ml = models_len(streams);
+    if bytes.len() < ml + 4 {
         return Err(DecodeError::Truncated {
             offset: bytes.len(),
-            needed: ml + 4 * LANES - bytes.len(),
+            needed: ml + 4 - bytes.len(),
         });
     }
-    let sets = [
-        ModelSet::get(alpha.first_width),
-        ModelSet::get(alpha.rest_width),
-    ];
-    let mut br = BitReader::new(&bytes[..ml]);
-    let mut models = Vec::with_capacity(channels);
-    for ch in 0..channels {
+    let models = read_models(&bytes[..ml], b)?;
+    let mut r = crate::bits::ByteReader::new(&bytes[ml..]);
+    let count = r.u32()? as usize;
+    if count < 2 * b.lanes() || count.checked_mul(2) != Some(r.remaining()) {
+        return Err(DecodeError::CorruptStream { stream: 0 });
+    }
+    let wb = r.take(r.remaining())?;
+    let sets = model_sets(&b);
+    let codes = stream_codes(&models);
+    crate::scratch::with_words(|words| {
+        // The words, then zeros a vector load past the last word may touch (a refill past the
+        // end reads 0; the loops stop a stream that reads past its words).
+        words.extend(
+            wb.chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]])),
+        );
+        words.resize(count + lanes::WORD_PAD, 0);
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Best && simd::available() {
+            return simd::decode(words, count, b, &codes, &sets, syms);
+        }
+        let _ = kernel;
+        lanes::decode(words, count, b, &codes, &sets, syms)
+    })
+}
+
+fn read_models(bytes: &[u8], b: BlockSymbols) -> Result<Vec<ChannelModel>, DecodeError> {
+    let streams = 2 * b.channels;
+    let mut br = BitReader::new(bytes);
+    let mut models = Vec::with_capacity(streams);
+    for k in 0..streams {
         let m = ChannelModel {
             rho: br.get(RHO_BITS)? as u8,
             mu2: br.get(MU_BITS)? as u8,
             shape: br.get(SHAPE_BITS)? as u8,
             scale: br.get(SCALE_BITS)? as u8,
         };
-        let w = if ch < alpha.first {
-            alpha.first_width
-        } else {
-            alpha.rest_width
-        };
+        let w = b.widths[(k >= b.channels) as usize];
         let check = |field, v: u8, ok: bool| {
             if ok {
                 Ok(())
@@ -315,136 +294,11 @@ pub fn decode_channels(
         check("model.scale", m.scale, (m.scale as usize) < SCALES)?;
         models.push(m);
     }
-    let used = channels * MODEL_BITS as usize;
-    if used % 8 != 0 && bytes[ml - 1] >> (used % 8) != 0 {
+    let used = streams * MODEL_BITS as usize;
+    if used % 8 != 0 && bytes[bytes.len() - 1] >> (used % 8) != 0 {
         return Err(DecodeError::ReservedBits("model padding"));
     }
-    let mut r = crate::bits::ByteReader::new(&bytes[ml..]);
-    let mut counts = [0usize; LANES];
-    for c in counts.iter_mut() {
-        *c = r.u32()? as usize;
-        if *c < 2 {
-            return Err(DecodeError::CorruptStream { stream: 0 });
-        }
-    }
-    let total: usize = counts
-        .iter()
-        .try_fold(0usize, |a, &c| a.checked_add(c))
-        .unwrap_or(usize::MAX);
-    if total.checked_mul(2) != Some(r.remaining()) {
-        return Err(DecodeError::CorruptStream { stream: 0 });
-    }
-    let wb = r.take(r.remaining())?;
-    // Each lane's words, then one zero word per symbol the lane decodes: a refill can then
-    // never index past the end, whatever the words say (a stream that reads its padding is
-    // corrupt, which the final checks report).
-    let lane_syms = lane_symbols(alpha, channels, n);
-    crate::scratch::with_words(|words| {
-        words.reserve(total + channels * n);
-        let mut starts = [0usize; LANES];
-        let mut wi = wb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
-        for j in 0..LANES {
-            starts[j] = words.len();
-            words.extend(wi.by_ref().take(counts[j]));
-            words.resize(words.len() + lane_syms[j], 0);
-        }
-        let mut x: [u32; LANES] =
-            std::array::from_fn(|j| (words[starts[j]] as u32) << 16 | words[starts[j] + 1] as u32);
-        let mut pos: [usize; LANES] = std::array::from_fn(|j| starts[j] + 2);
-        let lanes = lanes_of(&models, alpha, &sets);
-        let mut bad = false;
-        for (c0, k) in groups(alpha, channels) {
-            let ls = &lanes[c0..c0 + k];
-            let ss = &mut syms[c0 * n..(c0 + k) * n];
-            let w = ls[0].width;
-            if k == LANES {
-                bad |= decode_group::<LANES>(ls, ss, n, w, words, &mut x, &mut pos);
-            } else {
-                for j in 0..k {
-                    bad |= decode_group::<1>(
-                        &ls[j..j + 1],
-                        &mut ss[j * n..(j + 1) * n],
-                        n,
-                        w,
-                        words,
-                        &mut x[j..j + 1],
-                        &mut pos[j..j + 1],
-                    );
-                }
-            }
-        }
-        if bad {
-            return Err(DecodeError::SymbolOutOfRange { stream: 0 });
-        }
-        for j in 0..LANES {
-            if pos[j] != starts[j] + counts[j] || x[j] != RANS_L {
-                return Err(DecodeError::CorruptStream { stream: j });
-            }
-        }
-        Ok(())
-    })
-}
-
-/// The lane groups of a block: `(first channel, lanes)`, [`LANES`] channels at a time within
-/// the K channels, then within the V channels (so a group shares one alphabet); the last group
-/// of each part may be partial.
-fn groups(alpha: ChannelAlphabets, channels: usize) -> impl Iterator<Item = (usize, usize)> {
-    let part = |lo: usize, hi: usize| {
-        (lo..hi)
-            .step_by(LANES)
-            .map(move |c0| (c0, LANES.min(hi - c0)))
-    };
-    part(0, alpha.first.min(channels)).chain(part(alpha.first.min(channels), channels))
-}
-
-/// Symbols each lane codes.
-fn lane_symbols(alpha: ChannelAlphabets, channels: usize, n: usize) -> [usize; LANES] {
-    let mut per = [0usize; LANES];
-    for (_, k) in groups(alpha, channels) {
-        for p in per.iter_mut().take(k) {
-            *p += n;
-        }
-    }
-    per
-}
-
-/// Decodes `L` lanes forwards (alphabet half width `w`); returns whether a symbol left the
-/// alphabet. Lane `j` reads `words` at `pos[j]`, which the caller's padding keeps in bounds.
-#[inline(always)]
-fn decode_group<const L: usize>(
-    ls: &[Lane<'_>],
-    ss: &mut [u8],
-    n: usize,
-    w: u32,
-    words: &[u16],
-    x: &mut [u32],
-    pos: &mut [usize],
-) -> bool {
-    let ls: &[Lane<'_>; L] = ls.try_into().expect("L lanes");
-    let x: &mut [u32; L] = x.try_into().expect("L states");
-    let pos: &mut [usize; L] = pos.try_into().expect("L positions");
-    // Per lane: the prediction after each possible symbol, less the width (wrapping), so that
-    // a symbol is `base + r`. The rANS chain (`x`) never reads it; only the symbol chain does.
-    let mut next = [[0u32; 64]; L];
-    for (nx, l) in next.iter_mut().zip(ls) {
-        for (s, e) in nx.iter_mut().enumerate() {
-            *e = l.pred.next(s as u32).wrapping_sub(w);
-        }
-    }
-    let dec: [&DecTable; L] = std::array::from_fn(|j| ls[j].dec);
-    let mut base: [u32; L] = std::array::from_fn(|j| ls[j].pred.first.wrapping_sub(w));
-    let mut bad = 0u32;
-    for t in 0..n {
-        for j in 0..L {
-            let r = rans::decode(&mut x[j], dec[j], words, &mut pos[j]);
-            // Out of range when above `w`: wrapping makes a negative symbol huge.
-            let s = base[j].wrapping_add(r);
-            bad |= (s > w) as u32;
-            ss[j * n + t] = s as u8;
-            base[j] = next[j][(s & 63) as usize];
-        }
-    }
-    bad != 0
+    Ok(models)
 }
 
 #[cfg(test)]
@@ -458,48 +312,98 @@ mod tests {
         (*seed >> 33) as u32
     }
 
-    #[test]
-    fn round_trip_random_channels() {
-        let mut seed = 7;
-        for (channels, n, first) in [
-            (1, 1, 1),
-            (3, 5, 2),
-            (24, 256, 12),
-            (17, 100, 9),
-            (8, 1, 4),
-            (20, 3, 20),
-        ] {
-            let alpha = ChannelAlphabets {
-                first,
-                first_width: 30,
-                rest_width: 14,
-            };
-            let mut syms = vec![0u8; channels * n];
-            for ch in 0..channels {
-                let w = if ch < first { 30 } else { 14 };
+    /// Symbols with drifting, constant, extreme and noisy channels.
+    fn test_symbols(b: BlockSymbols, seed: &mut u64) -> Vec<u8> {
+        let mut syms = vec![0u8; b.len()];
+        for p in 0..2 {
+            let w = b.widths[p];
+            for ch in 0..b.channels {
                 let mut v = w / 2;
-                for t in 0..n {
-                    if lcg(&mut seed) % 3 == 0 {
-                        v = (v as i32 + (lcg(&mut seed) % 5) as i32 - 2).clamp(0, w as i32) as u32;
+                for t in 0..b.n {
+                    if lcg(seed) % 3 == 0 {
+                        v = (v as i32 + (lcg(seed) % 5) as i32 - 2).clamp(0, w as i32) as u32;
                     }
-                    syms[ch * n + t] = match ch % 5 {
-                        4 => (lcg(&mut seed) % (w + 1)) as u8,
-                        3 => w as u8, // extreme constant channel
+                    syms[(p * b.n + t) * b.channels + ch] = match ch % 5 {
+                        4 => (lcg(seed) % (w + 1)) as u8,
+                        3 => w as u8,
+                        2 => 0,
                         _ => v as u8,
                     };
                 }
             }
+        }
+        syms
+    }
+
+    const SHAPES_UNDER_TEST: [(usize, usize); 8] = [
+        (1, 1),
+        (3, 5),
+        (24, 256),
+        (40, 100),
+        (64, 33),
+        (8, 1),
+        (100, 3),
+        (192, 64),
+    ];
+
+    #[test]
+    fn round_trip_random_blocks_every_kernel() {
+        let mut seed = 7;
+        for (channels, n) in SHAPES_UNDER_TEST {
+            for widths in [[30, 14], [62, 1], [10, 10]] {
+                let b = BlockSymbols {
+                    n,
+                    channels,
+                    widths,
+                };
+                let syms = test_symbols(b, &mut seed);
+                let mut out = Vec::new();
+                encode_symbols(&syms, b, &mut out);
+                for kernel in [Kernel::Best, Kernel::Scalar] {
+                    let mut back = vec![0u8; b.len()];
+                    decode_symbols_with(&out, b, &mut back, kernel).unwrap();
+                    assert_eq!(back, syms, "{kernel:?} channels {channels} n {n}");
+                }
+            }
+        }
+    }
+
+    /// Every kernel rejects the same corrupted blocks (or decodes them to the same symbols),
+    /// and none panics.
+    #[test]
+    fn kernels_agree_on_corrupt_blocks() {
+        let mut seed = 11;
+        for (channels, n) in SHAPES_UNDER_TEST {
+            let b = BlockSymbols {
+                n,
+                channels,
+                widths: [30, 14],
+            };
+            let syms = test_symbols(b, &mut seed);
             let mut out = Vec::new();
-            encode_channels(&syms, n, alpha, &mut out);
-            let mut back = vec![0u8; channels * n];
-            decode_channels(&out, n, alpha, &mut back).unwrap();
-            assert_eq!(back, syms, "channels {channels} n {n}");
-            // Corruption and truncation give an error or other symbols, never a panic.
-            let mut bad = out.clone();
-            let i = bad.len() / 2;
-            bad[i] ^= 0x5A;
-            let _ = decode_channels(&bad, n, alpha, &mut back);
-            assert!(decode_channels(&out[..out.len() - 2], n, alpha, &mut back).is_err());
+            encode_symbols(&syms, b, &mut out);
+            for trial in 0..40 {
+                let mut bad = out.clone();
+                let i = lcg(&mut seed) as usize % bad.len();
+                bad[i] ^= 1 << (lcg(&mut seed) % 8);
+                if trial % 4 == 0 {
+                    // Also cut the block short (the count then disagrees).
+                    bad.truncate(bad.len() - 2);
+                }
+                let run = |k| {
+                    let mut back = vec![0u8; b.len()];
+                    decode_symbols_with(&bad, b, &mut back, k).map(|()| back)
+                };
+                let (best, scalar) = (run(Kernel::Best), run(Kernel::Scalar));
+                match (&best, &scalar) {
+                    (Ok(x), Ok(y)) => assert_eq!(x, y),
+                    (Err(_), Err(_)) => {}
+                    _ => panic!("kernels disagree: {best:?} vs {scalar:?}"),
+                }
+                if trial % 4 == 0 {
+                    assert!(best.is_err());
+                }
+            }
         }
     }
 }

@@ -1,0 +1,193 @@
+//! The AVX2 decoder of the 32 lanes: four vectors of 8 lanes, one gather per vector and step
+//! for the slot entries, and the shared word sequence read with one 8-word load per vector,
+//! spread over the lanes that refill by a permutation chosen by the refill mask.
+//!
+//! It computes exactly what `lanes::decode` computes (the tests in `native` compare them on
+//! valid and corrupt blocks). The only `unsafe` is the calls of intrinsics: the loads, the
+//! gather and the store are each justified where they happen.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use super::{BlockSymbols, StreamCode, LANES};
+use crate::error::DecodeError;
+use crate::model::ModelSet;
+use crate::rans::{PROB_BITS, PROB_SCALE, RANS_L};
+
+/// Whether this CPU runs the AVX2 decoder.
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+}
+
+/// For each 8-bit refill mask, the word index each lane takes: lane `i` of a refilling set
+/// takes word `popcount(mask & ((1 << i) - 1))`.
+static SPREAD: [[u32; 8]; 256] = spread_table();
+
+const fn spread_table() -> [[u32; 8]; 256] {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let mut k = 0;
+        let mut i = 0;
+        while i < 8 {
+            t[m][i] = k;
+            if m & (1 << i) != 0 {
+                k += 1;
+            }
+            i += 1;
+        }
+        m += 1;
+    }
+    t
+}
+
+/// Decodes as `lanes::decode` does; the caller checked that AVX2 is present and that `words`
+/// holds `count` words plus `lanes::WORD_PAD` zeros.
+pub(super) fn decode(
+    words: &[u16],
+    count: usize,
+    b: BlockSymbols,
+    codes: &[StreamCode],
+    sets: &[std::sync::Arc<ModelSet>; 2],
+    syms: &mut [u8],
+) -> Result<(), DecodeError> {
+    assert!(available() && words.len() >= count + super::lanes::WORD_PAD);
+    assert_eq!(syms.len(), b.len());
+    // SAFETY: AVX2 is present (checked above); the function's memory accesses are justified
+    // inside it from the two asserted lengths.
+    unsafe { decode_avx2(words, count, b, codes, sets, syms) }
+}
+
+#[target_feature(enable = "avx2,popcnt")]
+unsafe fn decode_avx2(
+    words: &[u16],
+    count: usize,
+    b: BlockSymbols,
+    codes: &[StreamCode],
+    sets: &[std::sync::Arc<ModelSet>; 2],
+    syms: &mut [u8],
+) -> Result<(), DecodeError> {
+    let (n, c) = (b.n, b.channels);
+    let lanes = b.lanes();
+    let mut xs = [0u32; LANES];
+    for (j, s) in xs.iter_mut().enumerate().take(lanes) {
+        *s = (words[2 * j] as u32) << 16 | words[2 * j + 1] as u32;
+    }
+    let mut x: [__m256i; 4] = [_mm256_setzero_si256(); 4];
+    for (v, xv) in x.iter_mut().enumerate() {
+        *xv = _mm256_loadu_si256(xs[8 * v..].as_ptr().cast());
+    }
+    let mut pos = 2 * lanes;
+    let mut bad = _mm256_setzero_si256();
+    let slot_mask = _mm256_set1_epi32(PROB_SCALE as i32 - 1);
+    let low13 = _mm256_set1_epi32(0x1FFF);
+    let low12 = _mm256_set1_epi32(0xFFF);
+    let rans_l = _mm256_set1_epi32(RANS_L as i32);
+    let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (p, g0, k) in b.groups() {
+        let set = &sets[p];
+        let w = set.half_width;
+        let wv = _mm256_set1_epi32(w as i32);
+        let table = set.slots.as_ptr().cast::<i32>();
+        let vectors = k.div_ceil(8);
+        // Per lane: the table offset, the predictor, the active mask. Lanes past `k` keep their
+        // state (they belong to a later group's streams) and read table 0 harmlessly.
+        let mut offs = [0i32; LANES];
+        let mut rho2 = [0i32; LANES];
+        let mut bias = [0i32; LANES];
+        let mut base = [0i32; LANES];
+        for j in 0..k {
+            let sc = &codes[b.stream(p, g0 + j)];
+            offs[j] = (sc.member * PROB_SCALE as usize) as i32;
+            rho2[j] = sc.pred.rho2 as i32;
+            bias[j] = sc.pred.bias as i32;
+            base[j] = sc.pred.first as i32 - w as i32;
+        }
+        let mut offv = [_mm256_setzero_si256(); 4];
+        let mut rhov = offv;
+        let mut biasv = offv;
+        let mut basev = offv;
+        let mut active = offv;
+        for v in 0..4 {
+            offv[v] = _mm256_loadu_si256(offs[8 * v..].as_ptr().cast());
+            rhov[v] = _mm256_loadu_si256(rho2[8 * v..].as_ptr().cast());
+            biasv[v] = _mm256_loadu_si256(bias[8 * v..].as_ptr().cast());
+            basev[v] = _mm256_loadu_si256(base[8 * v..].as_ptr().cast());
+            active[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32 - 8 * v as i32), lane_index);
+        }
+        let rows = &mut syms[p * n * c..(p + 1) * n * c];
+        for row in rows.chunks_exact_mut(c) {
+            if pos > count {
+                return Err(DecodeError::CorruptStream { stream: 0 });
+            }
+            let row = &mut row[g0..g0 + k];
+            for v in 0..vectors {
+                let xv = x[v];
+                let idx = _mm256_add_epi32(offv[v], _mm256_and_si256(xv, slot_mask));
+                // SAFETY: every index is a member's offset (member < members) plus a slot
+                // below PROB_SCALE, so it lies inside `set.slots`, which has
+                // members · PROB_SCALE entries.
+                let e = _mm256_i32gather_epi32::<4>(table, idx);
+                let freq = _mm256_and_si256(e, low13);
+                let off = _mm256_and_si256(_mm256_srli_epi32::<13>(e), low12);
+                let r = _mm256_srli_epi32::<25>(e);
+                let xn = _mm256_add_epi32(
+                    _mm256_mullo_epi32(freq, _mm256_srli_epi32::<{ PROB_BITS as i32 }>(xv)),
+                    off,
+                );
+                // Refill the active lanes whose state fell below RANS_L, in lane order.
+                let need = _mm256_and_si256(_mm256_cmpgt_epi32(rans_l, xn), active[v]);
+                let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
+                // SAFETY: pos <= count + 24 here (at most 8 refills per earlier vector of
+                // this step, and pos <= count before it), so the 8 words read lie within
+                // `words`, which has count + WORD_PAD (= count + 40) entries.
+                let wv8 = _mm256_cvtepu16_epi32(_mm_loadu_si128(
+                    words.as_ptr().add(pos).cast::<__m128i>(),
+                ));
+                let spread = _mm256_loadu_si256(SPREAD[m].as_ptr().cast());
+                let refill = _mm256_or_si256(
+                    _mm256_slli_epi32::<16>(xn),
+                    _mm256_permutevar8x32_epi32(wv8, spread),
+                );
+                let xn = _mm256_blendv_epi8(xn, refill, need);
+                pos += m.count_ones() as usize;
+                x[v] = _mm256_blendv_epi8(xv, xn, active[v]);
+                // The symbol, its range check and the next prediction.
+                let s = _mm256_add_epi32(basev[v], r);
+                let out_of_range = _mm256_xor_si256(_mm256_max_epu32(s, wv), wv);
+                bad = _mm256_or_si256(bad, _mm256_and_si256(out_of_range, active[v]));
+                let s8 = _mm256_and_si256(s, _mm256_set1_epi32(0xFF));
+                basev[v] = _mm256_sub_epi32(
+                    _mm256_srli_epi32::<4>(_mm256_add_epi32(
+                        _mm256_mullo_epi32(rhov[v], s8),
+                        biasv[v],
+                    )),
+                    wv,
+                );
+                // Pack the 8 low bytes: bytes 0, 4, 8, 12 of each 128-bit half, then the
+                // two halves' first dwords side by side.
+                let packed = _mm256_shuffle_epi8(
+                    s8,
+                    _mm256_setr_epi8(
+                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12,
+                        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                    ),
+                );
+                let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+                let bytes = _mm256_extract_epi64::<0>(packed).to_le_bytes();
+                let dst = &mut row[8 * v..(8 * v + 8).min(k)];
+                dst.copy_from_slice(&bytes[..dst.len()]);
+            }
+        }
+    }
+    if _mm256_testz_si256(bad, bad) == 0 {
+        return Err(DecodeError::SymbolOutOfRange { stream: 0 });
+    }
+    for (v, xv) in x.iter().enumerate() {
+        _mm256_storeu_si256(xs[8 * v..].as_mut_ptr().cast(), *xv);
+    }
+    if pos != count || xs[..lanes].iter().any(|&s| s != RANS_L) {
+        return Err(DecodeError::CorruptStream { stream: 0 });
+    }
+    Ok(())
+}
