@@ -26,10 +26,11 @@
 //! # Thread safety
 //! Encoders and decoders are immutable and `Sync`; whole-cache calls use rayon's global pool.
 //! Output never depends on the number of threads.
-// Unsafe code only where a module says why: the SIMD decoder (`native/simd.rs`).
+// Unsafe code only where a module says why: the SIMD coder (`native/simd.rs`), `cpu.rs`.
 #![deny(unsafe_code)]
 
 mod bits;
+mod cpu;
 pub mod container;
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]

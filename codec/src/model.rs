@@ -92,6 +92,9 @@ pub struct ModelSet {
     /// Every member's [`PROB_SCALE`] decoder slots, member after member: member `k`'s table
     /// starts at `k · PROB_SCALE`. One array, so a SIMD decoder gathers from it with one base.
     pub slots: SlotArray,
+    /// Every member's encoder symbols in [`EncSymbol::packed`] form, member after member:
+    /// residual index `r` of member `k` at `2·(k · MAX_RESIDUALS + r)`.
+    pub enc_packed: Vec<u32>,
 }
 
 /// The decoder slots of a model set: 3 MiB, read at uniformly random slots of up to 32
@@ -154,10 +157,15 @@ impl ModelSet {
         for t in &tables {
             push_dec_slots(&t.freq, &mut slots);
         }
+        let enc_packed = tables
+            .iter()
+            .flat_map(|t| t.enc.iter().flat_map(|e| e.packed()))
+            .collect();
         Self {
             half_width,
             tables,
             slots: SlotArray::new(&slots),
+            enc_packed,
         }
     }
 
@@ -223,7 +231,8 @@ fn table_from_probabilities(p: &[f64]) -> ResidualTable {
         sum += 1;
         i += 1;
     }
-    let mut enc = Box::new([EncSymbol::default(); MAX_RESIDUALS]);
+    // Unused entries hold a valid symbol too, so that every entry packs.
+    let mut enc = Box::new([EncSymbol::new(0, 1); MAX_RESIDUALS]);
     let mut cost = Vec::with_capacity(n);
     let mut start = 0u32;
     for (i, &f) in freq.iter().enumerate() {

@@ -24,6 +24,7 @@ struct QuantBlock {
 }
 
 /// Quantizes tokens `t0..t0+n` of `layer` of `view`.
+#[inline(always)]
 fn quantize(header: &Header, view: &KvView<'_>, at: BlockAt) -> Result<QuantBlock> {
     let BlockAt {
         view_layer,
@@ -146,7 +147,7 @@ pub(crate) fn encode_payload(
         }
         return Ok(());
     }
-    let qb = quantize(header, view, at)?;
+    let qb = crate::cpu::with_avx2(|| quantize(header, view, at))?;
     for s in qb.scales.iter().flatten() {
         out.extend_from_slice(&s.to_le_bytes());
     }
@@ -277,42 +278,67 @@ pub(crate) fn decode_payload(
                 untranspose(&streams, n, c, syms);
             }
         }
-        let cs: Option<Vec<f32>> = channel_scales.map(|v| {
-            v.iter()
-                .map(|&b| DType::BF16.f32_from_bits(b as u32))
-                .collect()
-        });
-        let mut vals = vec![0f32; c];
-        let mut bits = vec![half::f16::ZERO; c];
-        for (p, part) in Part::BOTH.into_iter().enumerate() {
-            let bins = if p == 0 { bk } else { bv };
-            let levels = quant::level_values(bins);
-            let rows = &syms[p * c * n..(p + 1) * c * n];
-            for (i, row) in rows.chunks_exact(c).enumerate() {
-                let m = spec.dtype.scale_value(scales[p][i]);
-                let runs = spec.row_runs(0, part, t0 + i);
-                // x^ = ((q - MAX) / MAX) · m (· s_c), in f32, then the output dtype.
-                for (v, &q) in vals.iter_mut().zip(row) {
-                    *v = levels[q as usize] * m;
-                }
-                if let (Part::K, Some(cs)) = (part, &cs) {
-                    // The channel scale is rounded up to bf16, so `m · cs` may exceed the
-                    // output dtype's range (f16 near 65504); no input value did, so clamping
-                    // only moves the value towards it.
-                    let lim = spec.dtype.max_finite();
-                    for (v, &s) in vals.iter_mut().zip(cs) {
-                        *v = (*v * s).clamp(-lim, lim);
-                    }
-                }
-                write_row(out, spec.dtype, runs, &vals, &mut bits);
-            }
-        }
+        let rows = Rows {
+            spec: &spec,
+            t0,
+            n,
+            bins: [bk, bv],
+            scales: &scales,
+            channel_scales: channel_scales.as_deref(),
+        };
+        crate::cpu::with_avx2(|| dequantize(&rows, syms, out));
         finish(&r)
     })
 }
 
+/// What the dequantizer needs to place a block's rows.
+struct Rows<'a> {
+    spec: &'a crate::KvSpec,
+    t0: usize,
+    n: usize,
+    bins: [u32; 2],
+    scales: &'a [Vec<u16>; 2],
+    channel_scales: Option<&'a [u16]>,
+}
+
+/// Writes the block's token-major symbols `syms` as values into `out` (one layer).
+#[inline(always)]
+fn dequantize(rows: &Rows<'_>, syms: &[u8], out: &mut [u8]) {
+    let spec = rows.spec;
+    let (c, n) = (spec.shape.channels(), rows.n);
+    let cs: Option<Vec<f32>> = rows.channel_scales.map(|v| {
+        v.iter()
+            .map(|&b| DType::BF16.f32_from_bits(b as u32))
+            .collect()
+    });
+    let mut vals = vec![0f32; c];
+    let mut bits = vec![half::f16::ZERO; c];
+    for (p, part) in Part::BOTH.into_iter().enumerate() {
+        let levels = quant::level_values(rows.bins[p]);
+        let part_rows = &syms[p * c * n..(p + 1) * c * n];
+        for (i, row) in part_rows.chunks_exact(c).enumerate() {
+            let m = spec.dtype.scale_value(rows.scales[p][i]);
+            let runs = spec.row_runs(0, part, rows.t0 + i);
+            // x^ = ((q - MAX) / MAX) · m (· s_c), in f32, then the output dtype.
+            for (v, &q) in vals.iter_mut().zip(row) {
+                *v = levels[q as usize] * m;
+            }
+            if let (Part::K, Some(cs)) = (part, &cs) {
+                // The channel scale is rounded up to bf16, so `m · cs` may exceed the
+                // output dtype's range (f16 near 65504); no input value did, so clamping
+                // only moves the value towards it.
+                let lim = spec.dtype.max_finite();
+                for (v, &s) in vals.iter_mut().zip(cs) {
+                    *v = (*v * s).clamp(-lim, lim);
+                }
+            }
+            write_row(out, spec.dtype, runs, &vals, &mut bits);
+        }
+    }
+}
+
 /// Writes one row of values into its runs of `out`, rounded to `dtype`.
-#[inline]
+#[inline(always)]
 fn write_row(
     out: &mut [u8],
     dtype: DType,

@@ -127,7 +127,11 @@ impl BlockSymbols {
     /// The lane groups in decoding order: `(part, first channel, streams)`.
     pub(crate) fn groups(&self) -> impl DoubleEndedIterator<Item = (usize, usize, usize)> {
         let c = self.channels;
-        (0..2).flat_map(move |p| (0..c).step_by(LANES).map(move |g0| (p, g0, LANES.min(c - g0))))
+        (0..2).flat_map(move |p| {
+            (0..c)
+                .step_by(LANES)
+                .map(move |g0| (p, g0, LANES.min(c - g0)))
+        })
     }
 
     /// The stream index (`p·channels + c`) of part `p`, channel `c`.
@@ -166,6 +170,11 @@ fn model_sets(b: &BlockSymbols) -> [std::sync::Arc<ModelSet>; 2] {
 /// alphabet) to `out`: the models bit-packed, the word count (`u32`), then the words (`u16`),
 /// little-endian.
 pub fn encode_symbols(syms: &[u8], b: BlockSymbols, out: &mut Vec<u8>) {
+    encode_symbols_with(syms, b, out, Kernel::Best);
+}
+
+/// [`encode_symbols`] with a chosen loop (every loop writes the same bytes).
+pub fn encode_symbols_with(syms: &[u8], b: BlockSymbols, out: &mut Vec<u8>, kernel: Kernel) {
     assert_eq!(syms.len(), b.len(), "symbols do not match the block shape");
     let sets = model_sets(&b);
     crate::scratch::with_bytes(syms.len(), |residuals| {
@@ -180,13 +189,24 @@ pub fn encode_symbols(syms: &[u8], b: BlockSymbols, out: &mut Vec<u8>) {
         out.extend_from_slice(&bw.finish());
         let codes = stream_codes(&models);
         crate::scratch::with_words(|words| {
-            let first = lanes::encode(residuals, b, &codes, &sets, words);
-            let w = &words[first..];
+            #[cfg(target_arch = "x86_64")]
+            let first = if kernel == Kernel::Best && simd::available() {
+                simd::encode(residuals, b, &codes, &sets, words)
+            } else {
+                lanes::encode(residuals, b, &codes, &sets, words)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let first = {
+                let _ = kernel;
+                lanes::encode(residuals, b, &codes, &sets, words)
+            };
+            let w = &mut words[first..];
             out.extend_from_slice(&(w.len() as u32).to_le_bytes());
-            out.reserve(2 * w.len());
-            for x in w {
-                out.extend_from_slice(&x.to_le_bytes());
+            // Little-endian words: a byte swap on big-endian hosts, then one copy.
+            for x in w.iter_mut() {
+                *x = x.to_le();
             }
+            out.extend_from_slice(bytemuck::cast_slice(w));
         });
     });
 }
@@ -252,11 +272,11 @@ pub fn decode_symbols_with(
     crate::scratch::with_words(|words| {
         // The words, then zeros a vector load past the last word may touch (a refill past the
         // end reads 0; the loops stop a stream that reads past its words).
-        words.extend(
-            wb.chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]])),
-        );
         words.resize(count + lanes::WORD_PAD, 0);
+        bytemuck::cast_slice_mut(&mut words[..count]).copy_from_slice(wb);
+        for x in &mut words[..count] {
+            *x = u16::from_le(*x);
+        }
         #[cfg(target_arch = "x86_64")]
         if kernel == Kernel::Best && simd::available() {
             return simd::decode(words, count, b, &codes, &sets, syms);
@@ -359,6 +379,9 @@ mod tests {
                 let syms = test_symbols(b, &mut seed);
                 let mut out = Vec::new();
                 encode_symbols(&syms, b, &mut out);
+                let mut scalar = Vec::new();
+                encode_symbols_with(&syms, b, &mut scalar, Kernel::Scalar);
+                assert!(out == scalar, "encoders differ: channels {channels} n {n}");
                 for kernel in [Kernel::Best, Kernel::Scalar] {
                     let mut back = vec![0u8; b.len()];
                     decode_symbols_with(&out, b, &mut back, kernel).unwrap();

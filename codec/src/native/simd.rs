@@ -1,8 +1,12 @@
-//! The AVX2 decoder of the 32 lanes: four vectors of 8 lanes, one gather per vector and step
+//! The AVX2 coder of the 32 lanes. The decoder: four vectors of 8 lanes, one gather per vector and step
 //! for the slot entries, and the shared word sequence read with one 8-word load per vector,
 //! spread over the lanes that refill by a permutation chosen by the refill mask.
 //!
-//! It computes exactly what `lanes::decode` computes (the tests in `native` compare them on
+//! The encoder: one gather per vector for each half of the packed encoder symbols, the exact
+//! reciprocal division in 64-bit lanes, and the spilled words of a vector compressed to the
+//! top of 8 slots and stored below the write position.
+//!
+//! They compute exactly what `lanes::decode` and `lanes::encode` compute (the tests in `native` compare them on
 //! valid and corrupt blocks). The only `unsafe` is the calls of intrinsics: the loads, the
 //! gather and the store are each justified where they happen.
 #![allow(unsafe_code)]
@@ -173,7 +177,8 @@ unsafe fn decode_avx2(
                         -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
                     ),
                 );
-                let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+                let packed =
+                    _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
                 let bytes = _mm256_extract_epi64::<0>(packed).to_le_bytes();
                 let dst = &mut row[8 * v..(8 * v + 8).min(k)];
                 dst.copy_from_slice(&bytes[..dst.len()]);
@@ -190,4 +195,179 @@ unsafe fn decode_avx2(
         return Err(DecodeError::CorruptStream { stream: 0 });
     }
     Ok(())
+}
+
+/// For each 8-bit spill mask, which lane's word goes to each of the 8 output slots: the
+/// spilling lanes in ascending order fill the *last* `popcount(mask)` slots, so that a 16-byte
+/// store ending at the write position lays them down in the decoder's reading order.
+static GATHER_HIGH: [[u32; 8]; 256] = gather_high_table();
+
+const fn gather_high_table() -> [[u32; 8]; 256] {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let cnt = (m as u32).count_ones() as usize;
+        let mut slot = 8 - cnt;
+        let mut i = 0;
+        while i < 8 {
+            if m & (1 << i) != 0 {
+                t[m][slot] = i as u32;
+                slot += 1;
+            }
+            i += 1;
+        }
+        m += 1;
+    }
+    t
+}
+
+/// Encodes as `lanes::encode` does (same words, same first index); the caller checked that
+/// AVX2 is present.
+pub(super) fn encode(
+    residuals: &[u8],
+    b: BlockSymbols,
+    codes: &[StreamCode],
+    sets: &[std::sync::Arc<ModelSet>; 2],
+    words: &mut Vec<u16>,
+) -> usize {
+    assert!(available());
+    assert_eq!(residuals.len(), b.len());
+    let lanes = b.lanes();
+    // At most one word per symbol, plus the states, plus 8 words of slack below: a spill
+    // store writes the 8 words below the write position.
+    let cap = residuals.len() + 2 * lanes + 8;
+    words.clear();
+    words.resize(cap, 0);
+    // SAFETY: AVX2 is present (checked above); the memory accesses are justified inside
+    // from `words.len() == cap` and `residuals.len() == b.len()`.
+    unsafe { encode_avx2(residuals, b, codes, sets, words) }
+}
+
+#[target_feature(enable = "avx2,popcnt")]
+unsafe fn encode_avx2(
+    residuals: &[u8],
+    b: BlockSymbols,
+    codes: &[StreamCode],
+    sets: &[std::sync::Arc<ModelSet>; 2],
+    words: &mut [u16],
+) -> usize {
+    use crate::model::MAX_RESIDUALS;
+    let (n, c) = (b.n, b.channels);
+    let lanes = b.lanes();
+    let mut pos = words.len();
+    let mut x = [_mm256_set1_epi32(RANS_L as i32); 4];
+    let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let low12 = _mm256_set1_epi32(0xFFF);
+    let low16 = _mm256_set1_epi32(0xFFFF);
+    let scale = _mm256_set1_epi32(PROB_SCALE as i32);
+    let shift_base = _mm256_set1_epi64x(31);
+    // Low 16 bits of each dword to the low 8 bytes of each 128-bit half, then the halves'
+    // low quadwords side by side.
+    let pack16 = _mm256_setr_epi8(
+        0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1,
+        -1, -1, -1, -1, -1, -1, -1,
+    );
+    for (p, g0, k) in b.groups().rev() {
+        let table = sets[p].enc_packed.as_ptr().cast::<i32>();
+        let vectors = k.div_ceil(8);
+        let mut offs = [0i32; LANES];
+        for (j, o) in offs.iter_mut().enumerate().take(k) {
+            *o = (codes[b.stream(p, g0 + j)].member * MAX_RESIDUALS) as i32;
+        }
+        let mut offv = [_mm256_setzero_si256(); 4];
+        let mut active = offv;
+        for v in 0..4 {
+            // SAFETY: `offs` has LANES = 32 entries; 8·v + 8 <= 32.
+            offv[v] = _mm256_loadu_si256(offs[8 * v..].as_ptr().cast());
+            active[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32 - 8 * v as i32), lane_index);
+        }
+        let rows = &residuals[p * n * c..(p + 1) * n * c];
+        for row in rows.chunks_exact(c).rev() {
+            let row = &row[g0..g0 + k];
+            for v in (0..vectors).rev() {
+                let mut r8 = [0u8; 8];
+                let src = &row[8 * v..(8 * v + 8).min(k)];
+                r8[..src.len()].copy_from_slice(src);
+                let r = _mm256_and_si256(
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(r8.as_ptr().cast())),
+                    _mm256_set1_epi32(MAX_RESIDUALS as i32 - 1),
+                );
+                let idx = _mm256_add_epi32(offv[v], r);
+                // SAFETY: idx = member · MAX_RESIDUALS + r with member < members and
+                // r < MAX_RESIDUALS, so entries 2·idx and 2·idx + 1 lie inside `enc_packed`
+                // (2 · members · MAX_RESIDUALS entries); inactive lanes read member 0.
+                let rcp = _mm256_i32gather_epi32::<8>(table, idx);
+                let packed = _mm256_i32gather_epi32::<8>(table.add(1), idx);
+                let start = _mm256_and_si256(packed, low12);
+                let cmpl = _mm256_and_si256(_mm256_srli_epi32::<12>(packed), low12);
+                let s = _mm256_srli_epi32::<24>(packed);
+                let x_max = _mm256_slli_epi32::<{ 31 - PROB_BITS as i32 }>(_mm256_sub_epi32(
+                    scale, cmpl,
+                ));
+                let xv = x[v];
+                // Spill where x >= x_max (both below 2^31, so the signed compare is right).
+                let keep = _mm256_cmpgt_epi32(x_max, xv);
+                let spill = _mm256_andnot_si256(keep, active[v]);
+                let m = _mm256_movemask_ps(_mm256_castsi256_ps(spill)) as usize;
+                let gathered = _mm256_permutevar8x32_epi32(
+                    _mm256_and_si256(xv, low16),
+                    // SAFETY: m < 256 indexes the table; each row is 8 u32.
+                    _mm256_loadu_si256(GATHER_HIGH[m].as_ptr().cast()),
+                );
+                let w16 = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(gathered, pack16));
+                // SAFETY: pos >= 8 + (words still to be written below), because the buffer
+                // has 8 slack words below the lowest position a valid count reaches; the
+                // store covers words pos-8 .. pos, of which the top popcount(m) are kept.
+                _mm_storeu_si128(
+                    words.as_mut_ptr().add(pos - 8).cast(),
+                    _mm256_castsi256_si128(w16),
+                );
+                pos -= m.count_ones() as usize;
+                let xs = _mm256_blendv_epi8(xv, _mm256_srli_epi32::<16>(xv), spill);
+                // q = (x · rcp) >> (31 + s), per lane in 64 bits: even lanes, then odd lanes.
+                let sh_even = _mm256_add_epi64(_mm256_and_si256(s, _mm256_set1_epi64x(0xFF)), shift_base);
+                let sh_odd = _mm256_add_epi64(_mm256_srli_epi64::<32>(s), shift_base);
+                let q_even = _mm256_srlv_epi64(_mm256_mul_epu32(xs, rcp), sh_even);
+                let q_odd = _mm256_srlv_epi64(
+                    _mm256_mul_epu32(_mm256_srli_epi64::<32>(xs), _mm256_srli_epi64::<32>(rcp)),
+                    sh_odd,
+                );
+                let q = _mm256_blend_epi32::<0b1010_1010>(q_even, _mm256_slli_epi64::<32>(q_odd));
+                let xn = _mm256_add_epi32(_mm256_add_epi32(xs, start), _mm256_mullo_epi32(q, cmpl));
+                x[v] = _mm256_blendv_epi8(xv, xn, active[v]);
+            }
+        }
+    }
+    let mut xs = [0u32; LANES];
+    for (v, xv) in x.iter().enumerate() {
+        // SAFETY: `xs` has 32 entries; 8·v + 8 <= 32.
+        _mm256_storeu_si256(xs[8 * v..].as_mut_ptr().cast(), *xv);
+    }
+    pos -= 2 * lanes;
+    for (j, &s) in xs.iter().enumerate().take(lanes) {
+        words[pos + 2 * j] = (s >> 16) as u16;
+        words[pos + 2 * j + 1] = s as u16;
+    }
+    pos
+}
+
+/// The encoder's model choice (`choose::choose_block`) compiled for AVX2.
+pub(super) fn choose_block_avx2(
+    syms: &[u8],
+    b: BlockSymbols,
+    sets: &[std::sync::Arc<ModelSet>; 2],
+    residuals: &mut [u8],
+) -> Vec<super::ChannelModel> {
+    #[target_feature(enable = "avx2")]
+    unsafe fn inner(
+        syms: &[u8],
+        b: BlockSymbols,
+        sets: &[std::sync::Arc<ModelSet>; 2],
+        residuals: &mut [u8],
+    ) -> Vec<super::ChannelModel> {
+        super::choose::choose_block_portable(syms, b, sets, residuals)
+    }
+    assert!(available());
+    // SAFETY: AVX2 is present (checked above); the body is safe code.
+    unsafe { inner(syms, b, sets, residuals) }
 }
