@@ -30,8 +30,8 @@
 #![deny(unsafe_code)]
 
 mod bits;
-mod cpu;
 pub mod container;
+mod cpu;
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub mod cuda;

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use kvwire_codec::cuda::{available, DeviceKv, GpuCodec, GpuDecoder, GpuEncoder};
+use kvwire_codec::cuda::{available, DecodeKernel, DeviceKv, GpuCodec, GpuDecoder, GpuEncoder};
 use kvwire_codec::{
     decode, encode, file, quant, DType, EncodeOptions, KvCache, KvShape, KvSpec, Layout, Level,
     Part,
@@ -173,11 +173,18 @@ fn cpu_output_decodes_on_the_gpu_bit_exact() {
             let bytes = encode(&kv.view(), &opts).unwrap();
             let want = decode(&bytes).unwrap();
             let mut dec = GpuDecoder::new(codec, &bytes).unwrap();
-            let got = download(codec, &dec.decode().unwrap(), spec);
-            assert!(
-                got.bytes() == want.bytes(),
-                "{level} {spec:?}: GPU decode of the CPU stream differs"
-            );
+            for kernel in [
+                DecodeKernel::Slots,
+                DecodeKernel::Small,
+                DecodeKernel::Shared,
+            ] {
+                dec.set_kernel(kernel);
+                let got = download(codec, &dec.decode().unwrap(), spec);
+                assert!(
+                    got.bytes() == want.bytes(),
+                    "{level} {spec:?} {kernel:?}: GPU decode of the CPU stream differs"
+                );
+            }
         }
     }
 }
@@ -297,8 +304,17 @@ fn corruption_and_bad_input_are_errors() {
     for at in [hl + 30, bytes.len() / 2, bytes.len() - 1] {
         let mut bad = bytes.clone();
         bad[at] ^= 0x10;
-        let r = GpuDecoder::new(codec, &bad).and_then(|mut d| d.decode().map(|_| ()));
-        assert!(r.is_err(), "flipped byte {at} decoded");
+        for kernel in [
+            DecodeKernel::Slots,
+            DecodeKernel::Small,
+            DecodeKernel::Shared,
+        ] {
+            let r = GpuDecoder::new(codec, &bad).and_then(|mut d| {
+                d.set_kernel(kernel);
+                d.decode().map(|_| ())
+            });
+            assert!(r.is_err(), "flipped byte {at} decoded ({kernel:?})");
+        }
     }
     // Truncated streams are refused before any kernel runs.
     assert!(GpuDecoder::new(codec, &bytes[..bytes.len() - 3]).is_err());

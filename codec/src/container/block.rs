@@ -147,7 +147,10 @@ pub(crate) fn encode_payload(
         }
         return Ok(());
     }
-    let qb = crate::cpu::with_avx2(|| quantize(header, view, at))?;
+    let qb = crate::cpu::with_avx2(
+        #[inline(always)]
+        || quantize(header, view, at),
+    )?;
     for s in qb.scales.iter().flatten() {
         out.extend_from_slice(&s.to_le_bytes());
     }
@@ -286,7 +289,10 @@ pub(crate) fn decode_payload(
             scales: &scales,
             channel_scales: channel_scales.as_deref(),
         };
-        crate::cpu::with_avx2(|| dequantize(&rows, syms, out));
+        crate::cpu::with_avx2(
+            #[inline(always)]
+            || dequantize(&rows, syms, out),
+        );
         finish(&r)
     })
 }

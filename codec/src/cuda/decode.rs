@@ -9,19 +9,27 @@ use super::{check_supported, models_len, DeviceTables, GpuCodec, GpuResult};
 use crate::{CodecError, DecodeError, Decoder, Header, KvSpec};
 
 /// Words of a warp's shared-memory window over its block's word sequence (kernels.cu `RING`).
-const RING: u32 = 2048;
+const RING: u32 = 1024;
 /// Shared memory of one decoding warp: the word window and a 64-entry dequantization table.
 const WARP_SMEM: u32 = RING * 2 + 64 * 4;
+/// Most warps (blocks decoded) per CTA of the shared-table kernel.
+const SHARED_WARPS: u32 = 16;
 
 /// Which table layout the decoding kernel reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodeKernel {
     /// One `u32` per slot (frequency, offset in the symbol, symbol): one load per symbol.
+    /// About 20 % slower than [`Self::Shared`] at 256-token chunks (H100, H200).
     Slots,
-    /// One byte per slot (the symbol), then the symbol's frequency and start: two loads, a
-    /// quarter of the table bytes (more L1 hits).
-    #[default]
+    /// One byte per slot (the symbol), then the symbol's frequency and start: two dependent
+    /// loads over a quarter of the table bytes.
     Small,
+    /// Compact tables (a 64-bucket index and the cumulative starts, 188 bytes a member at
+    /// `cg-*` widths) of every alphabet width in shared memory: a bucket read and a binary
+    /// search over the residuals that start inside the bucket (usually none). Falls back to
+    /// [`Self::Slots`] where the tables do not fit a CTA's shared memory. The default.
+    #[default]
+    Shared,
 }
 
 /// A parsed and uploaded bitstream, ready to decode on the GPU (repeatedly, e.g. for timing).
@@ -201,14 +209,34 @@ impl<'a> GpuDecoder<'a> {
                     shared_mem_bytes: 0,
                 })?;
             self.codec.mark("verify", stream)?;
-            let cfg = LaunchConfig {
-                grid_dim: (nblocks, 1, 1),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: WARP_SMEM,
+            let tbytes = self.tables.compact.len() as u32;
+            let mb = self.tables.compact_mb as u32;
+            // Blocks spread over the SMs in one wave: about one CTA per SM, each loading the
+            // tables into its shared memory once.
+            let wpc = nblocks.div_ceil(self.codec.sms).clamp(1, SHARED_WARPS);
+            let kernel = match self.kernel {
+                DecodeKernel::Shared if tbytes + wpc * WARP_SMEM > self.codec.smem_optin => {
+                    DecodeKernel::Slots
+                }
+                k => k,
             };
-            let mut b = stream.launch_builder(match self.kernel {
+            let cfg = match kernel {
+                DecodeKernel::Shared => LaunchConfig {
+                    grid_dim: (nblocks.div_ceil(wpc), 1, 1),
+                    block_dim: (32 * wpc, 1, 1),
+                    shared_mem_bytes: tbytes + wpc * WARP_SMEM,
+                },
+                _ => LaunchConfig {
+                    grid_dim: (nblocks, 1, 1),
+                    block_dim: (32, 1, 1),
+                    shared_mem_bytes: WARP_SMEM,
+                },
+            };
+            let p_compact = dptr(&self.tables.compact, stream);
+            let mut b = stream.launch_builder(match kernel {
                 DecodeKernel::Slots => &k.decode,
                 DecodeKernel::Small => &k.decode_small,
+                DecodeKernel::Shared => &k.decode_shared,
             });
             b.arg(&p_in)
                 .arg(&p_blocks)
@@ -221,9 +249,10 @@ impl<'a> GpuDecoder<'a> {
                 .arg(&layer0)
                 .arg(&p_bins)
                 .arg(&p_set);
-            match self.kernel {
+            match kernel {
                 DecodeKernel::Slots => b.arg(&p_slots),
                 DecodeKernel::Small => b.arg(&p_sym8).arg(&p_info),
+                DecodeKernel::Shared => b.arg(&p_compact).arg(&tbytes).arg(&mb),
             };
             b.arg(&p_out).arg(&p_err).arg(&ml).launch(cfg)?;
             self.codec.mark("decode", stream)?;

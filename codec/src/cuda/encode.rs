@@ -220,12 +220,12 @@ impl<'a> GpuEncoder<'a> {
         Ok(v)
     }
 
-    /// Host-pinned staging for [`Self::encode_pipelined`] with 4 layers in flight.
+    /// Host-pinned staging for [`Self::encode_pipelined`] with 8 layers in flight.
     ///
     /// # Errors
     /// Driver failures (allocation).
     pub fn staging(&self) -> GpuResult<Staging> {
-        self.staging_with_depth(4)
+        self.staging_with_depth(8)
     }
 
     /// Host-pinned staging for [`Self::encode_pipelined`]: `depth` (at least 2) layers' worth

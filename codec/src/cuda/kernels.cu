@@ -333,16 +333,16 @@ extern "C" __global__ void kv_rans_encode(const u8* __restrict__ res, u32 nl, u3
         }
         const u8* col = blk + (u64)p * n * C + g0 + lane;
         int t = (int)n - 1;
-        // Four tokens at a time: the loads are independent of the state chain.
-        for (; t >= 3; t -= 4) {
-            uint2 e[4];
+        // Eight tokens at a time: the loads are independent of the state chain.
+        for (; t >= 7; t -= 8) {
+            uint2 e[8];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
+            for (int u = 0; u < 8; u++) {
                 u32 ri = active ? col[(u64)(t - u) * C] : 0;
                 e[u] = active ? tab[ri] : make_uint2(0, 0);
             }
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
+            for (int u = 0; u < 8; u++) {
                 u32 f = (e[u].x >> 12) & 0x1fff;
                 bool spill = active && x >= (f << 19);
                 u32 mask = __ballot_sync(FULL, spill);
@@ -507,23 +507,26 @@ extern "C" __global__ void kv_verify(const u8* __restrict__ in, const u64* __res
     if (tid == 0 && crc != want) err[bi] |= 1;
 }
 
-#define RING 2048
+#define RING 1024
 
 // Decoder 2: rANS decode + prediction + dequantization to f16, one warp per block.
 // err bits: 2 CorruptStream, 4 SymbolOutOfRange, 8 model field invalid, 16 model padding,
 // 32 Truncated (payload shorter than its fixed parts).
-// SMALL = false: `tab` is the u32 slot table per member (freq | offset << 13 | sym << 25).
-// SMALL = true: `tab` is a u8 symbol per slot and `info` (freq | start << 13) per residual, a
+// MODE 0: `tab` is the u32 slot table per member (freq | offset << 13 | sym << 25).
+// MODE 1: `tab` is a u8 symbol per slot and `info` (freq | start << 13) per residual, a
 // quarter of the bytes, so more of the tables a block uses stay in L1.
-template <bool SMALL>
+// MODE 2: `tab` points to shared memory holding per member `mb` bytes: idx[64] (the residual
+// of slot 64 b) then cum[stride] u16 (cumulative starts); a lookup is a bucket read and a
+// binary search over the residuals that start inside the bucket (usually none).
+template <int MODE>
 __device__ void decode_block(const u8* __restrict__ in, const u64* __restrict__ blocks,
                              u32 nblocks, u32 C, u32 H, u32 T, u32 D, u32 vllm, u32 layer0,
                              const u8* __restrict__ bins, const u8* __restrict__ set_of,
                              const void* __restrict__ tab_all, const u32* __restrict__ info_all,
-                             u16* __restrict__ out, u32* __restrict__ err, u32 models_len) {
-    extern __shared__ u16 ring_all[];
+                             u32 mb, u8* wsm, u16* __restrict__ out, u32* __restrict__ err,
+                             u32 models_len) {
     u32 lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
-    u16* ring = ring_all + wib * (RING + 2 * 64 * 2);
+    u16* ring = (u16*)wsm + wib * (RING + 128);  // RING words, then 64 floats
     float* lut = (float*)(ring + RING);  // 64 floats: (s - MAX) / MAX of the group's part
     u64 bi = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (bi >= nblocks) return;
@@ -576,6 +579,8 @@ __device__ void decode_block(const u8* __restrict__ in, const u64* __restrict__ 
         const u32* tab32 = (const u32*)tab_all;
         const u8* tab8 = (const u8*)tab_all;
         const u32* info = info_all;
+        const u8* cidx = (const u8*)tab_all;
+        const u16* cum = 0;
         u32 rho2 = 0, bias = 0, base = 0;
         u16* o = out;
         u64 ostep = 0;
@@ -599,6 +604,8 @@ __device__ void decode_block(const u8* __restrict__ in, const u64* __restrict__ 
             tab32 += mem * 4096;
             tab8 += mem * 4096;
             info += mem * MAXR;
+            cidx += mem * mb;
+            cum = (const u16*)(cidx + 64);
             u32 c = g0 + lane;
             o = out + elem_index(li, p, t0, c, H, T, D, vllm);
             ostep = vllm ? C : D;
@@ -618,7 +625,18 @@ __device__ void decode_block(const u8* __restrict__ in, const u64* __restrict__ 
             bool need = false;
             if (active) {
                 u32 slot = x & 4095;
-                if (SMALL) {
+                if (MODE == 2) {
+                    u32 bk = slot >> 6;
+                    u32 lo = cidx[bk], hi = bk == 63 ? 2 * w : cidx[bk + 1];
+                    while (lo < hi) {
+                        u32 mid = (lo + hi + 1) >> 1;
+                        if (cum[mid] <= slot) lo = mid;
+                        else hi = mid - 1;
+                    }
+                    u32 st = cum[lo];
+                    r = lo;
+                    x = ((u32)cum[lo + 1] - st) * (x >> 12) + slot - st;
+                } else if (MODE == 1) {
                     r = tab8[slot];
                     u32 e = info[r];
                     x = (e & 0x1fff) * (x >> 12) + slot - (e >> 13);
@@ -656,8 +674,9 @@ extern "C" __global__ void kv_decode(const u8* __restrict__ in, const u64* __res
                                      const u8* __restrict__ set_of, const u32* __restrict__ slots,
                                      u16* __restrict__ out, u32* __restrict__ err,
                                      u32 models_len) {
-    decode_block<false>(in, blocks, nblocks, C, H, T, D, vllm, layer0, bins, set_of, slots,
-                        0, out, err, models_len);
+    extern __shared__ __align__(16) u8 dyn_smem[];
+    decode_block<0>(in, blocks, nblocks, C, H, T, D, vllm, layer0, bins, set_of, slots, 0, 0,
+                    dyn_smem, out, err, models_len);
 }
 
 extern "C" __global__ void kv_decode_small(const u8* __restrict__ in,
@@ -668,6 +687,25 @@ extern "C" __global__ void kv_decode_small(const u8* __restrict__ in,
                                            const u8* __restrict__ sym8,
                                            const u32* __restrict__ info, u16* __restrict__ out,
                                            u32* __restrict__ err, u32 models_len) {
-    decode_block<true>(in, blocks, nblocks, C, H, T, D, vllm, layer0, bins, set_of, sym8, info,
-                       out, err, models_len);
+    extern __shared__ __align__(16) u8 dyn_smem[];
+    decode_block<1>(in, blocks, nblocks, C, H, T, D, vllm, layer0, bins, set_of, sym8, info, 0,
+                    dyn_smem, out, err, models_len);
+}
+
+// The compact tables of every set (`tbytes` bytes, a multiple of 16) are copied into shared
+// memory first; the warps' windows follow them.
+extern "C" __global__ void kv_decode_shared(const u8* __restrict__ in,
+                                            const u64* __restrict__ blocks, u32 nblocks, u32 C,
+                                            u32 H, u32 T, u32 D, u32 vllm, u32 layer0,
+                                            const u8* __restrict__ bins,
+                                            const u8* __restrict__ set_of,
+                                            const uint4* __restrict__ ctab, u32 tbytes, u32 mb,
+                                            u16* __restrict__ out, u32* __restrict__ err,
+                                            u32 models_len) {
+    extern __shared__ __align__(16) u8 dyn_smem[];
+    uint4* s4 = (uint4*)dyn_smem;
+    for (u32 i = threadIdx.x; i < tbytes / 16; i += blockDim.x) s4[i] = ctab[i];
+    __syncthreads();
+    decode_block<2>(in, blocks, nblocks, C, H, T, D, vllm, layer0, bins, set_of, dyn_smem, 0, mb,
+                    dyn_smem + tbytes, out, err, models_len);
 }

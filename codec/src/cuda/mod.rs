@@ -140,6 +140,7 @@ struct Kernels {
     verify: CudaFunction,
     decode: CudaFunction,
     decode_small: CudaFunction,
+    decode_shared: CudaFunction,
 }
 
 /// The model tables of every alphabet width a header uses, on the device.
@@ -156,6 +157,11 @@ struct DeviceTables {
     sym8: CudaSlice<u8>,
     /// `[set][member][MAX_RESIDUALS]` `freq | start << 13` (with `sym8`).
     info: CudaSlice<u32>,
+    /// `[set][member]` compact tables of `compact_mb` bytes each: the residual index of slot
+    /// `64·b` for `b = 0..64` (u8), then the cumulative starts `0, f[0], ..., 4096` (u16).
+    compact: CudaSlice<u8>,
+    /// Bytes per member in `compact` (a multiple of 4).
+    compact_mb: usize,
 }
 
 impl DeviceTables {
@@ -177,6 +183,10 @@ pub struct GpuCodec {
     x2n: CudaSlice<u32>,
     tables: Mutex<Vec<Arc<DeviceTables>>>,
     ln_step: f64,
+    /// Largest dynamic shared memory of a CTA (bytes).
+    smem_optin: u32,
+    /// Streaming multiprocessors.
+    sms: u32,
     /// Per-kernel timing (environment `KVWIRE_GPU_PROFILE=1`): events after each kernel.
     prof: Option<Mutex<Vec<(&'static str, cudarc::driver::CudaEvent)>>>,
 }
@@ -226,7 +236,20 @@ impl GpuCodec {
             verify: module.load_function("kv_verify")?,
             decode: module.load_function("kv_decode")?,
             decode_small: module.load_function("kv_decode_small")?,
+            decode_shared: module.load_function("kv_decode_shared")?,
         };
+        let smem_optin = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )?;
+        k.decode_shared.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem_optin,
+        )?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )?
+            .max(1) as u32;
         let stream = ctx.new_stream()?;
         let crc_tab = stream.clone_htod(&crc_table())?;
         let x2n = stream.clone_htod(&x2n_table())?;
@@ -239,6 +262,8 @@ impl GpuCodec {
             x2n,
             tables: Mutex::new(Vec::new()),
             ln_step: 1.125f64.ln(),
+            smem_optin: smem_optin as u32,
+            sms,
             prof: std::env::var_os("KVWIRE_GPU_PROFILE").map(|_| Mutex::new(Vec::new())),
         })
     }
@@ -312,6 +337,9 @@ impl GpuCodec {
         let mut enc = vec![0u32; widths.len() * per_res * 2];
         let mut cost = vec![0f32; widths.len() * per_res];
         let mut sym8 = Vec::with_capacity(widths.len() * per_slots);
+        let wmax = widths.iter().copied().max().unwrap_or(1) as usize;
+        let compact_mb = 64 + 2 * (2 * wmax + 2);
+        let mut compact = vec![0u8; widths.len() * MEMBERS * compact_mb];
         let mut info = vec![0u32; widths.len() * per_res];
         for (si, &w) in widths.iter().enumerate() {
             let set = ModelSet::get(w);
@@ -334,10 +362,13 @@ impl GpuCodec {
             }
             // Slots member after member, in member order.
             for m in 0..MEMBERS {
-                for (r, &f) in set.tables[m].freq.iter().enumerate() {
+                let freq = &set.tables[m].freq;
+                for (r, &f) in freq.iter().enumerate() {
                     slots.extend((0..f).map(|k| f | k << 13 | (r as u32) << 25));
                     sym8.extend((0..f).map(|_| r as u8));
                 }
+                let at = (si * MEMBERS + m) * compact_mb;
+                compact_member(freq, &mut compact[at..at + compact_mb]);
             }
         }
         let t = Arc::new(DeviceTables {
@@ -347,10 +378,28 @@ impl GpuCodec {
             cost: self.stream.clone_htod(&cost)?,
             sym8: self.stream.clone_htod(&sym8)?,
             info: self.stream.clone_htod(&info)?,
+            compact: self.stream.clone_htod(&compact)?,
+            compact_mb,
         });
         self.stream.synchronize()?;
         cache.push(t.clone());
         Ok(t)
+    }
+}
+
+/// Writes the compact decoder table of a member with frequencies `freq` into `out`: the
+/// residual index holding slot `64·b` for `b = 0..64` (u8), then the cumulative starts
+/// `0, f[0], f[0] + f[1], ..., 4096` (u16 LE).
+fn compact_member(freq: &[u32], out: &mut [u8]) {
+    let mut cum = vec![0u32];
+    for &f in freq {
+        cum.push(cum[cum.len() - 1] + f);
+    }
+    for b in 0..64u32 {
+        out[b as usize] = (cum.partition_point(|&c| c <= 64 * b) - 1) as u8;
+    }
+    for (i, &c) in cum.iter().enumerate() {
+        out[64 + 2 * i..66 + 2 * i].copy_from_slice(&(c as u16).to_le_bytes());
     }
 }
 
@@ -490,6 +539,44 @@ mod tests {
             let (s, rcp) = (enc_shift(f), enc_rcp(f) as u64);
             for x in [0u32, 1, f - 1, f, 65_535, 1 << 20, (1 << 31) - 1] {
                 assert_eq!(((x as u64 * rcp) >> (31 + s)) as u32, x / f, "x={x} f={f}");
+            }
+        }
+    }
+
+    /// The shared-memory kernel's lookup (kernels.cu, `MODE == 2`) finds every slot's residual,
+    /// start and frequency, for every member of the widths the levels use.
+    #[test]
+    fn compact_tables_find_every_slot() {
+        for w in [30u32, 14, 10, 62] {
+            let set = ModelSet::get(w);
+            let mb = 64 + 2 * (2 * w as usize + 2);
+            let mut t = vec![0u8; mb];
+            for table in &set.tables {
+                compact_member(&table.freq, &mut t);
+                let cum = |i: usize| u16::from_le_bytes([t[64 + 2 * i], t[65 + 2 * i]]) as u32;
+                let mut want = Vec::new();
+                for (r, &f) in table.freq.iter().enumerate() {
+                    want.extend((0..f).map(|_| r as u32));
+                }
+                for slot in 0..PROB_SCALE {
+                    let bk = (slot >> 6) as usize;
+                    let (mut lo, mut hi) = (
+                        t[bk] as u32,
+                        if bk == 63 { 2 * w } else { t[bk + 1] as u32 },
+                    );
+                    while lo < hi {
+                        let mid = (lo + hi + 1) >> 1;
+                        if cum(mid as usize) <= slot {
+                            lo = mid;
+                        } else {
+                            hi = mid - 1;
+                        }
+                    }
+                    let r = lo as usize;
+                    assert_eq!(lo, want[slot as usize]);
+                    assert_eq!(cum(r + 1) - cum(r), table.freq[r]);
+                    assert!(cum(r) <= slot && slot < cum(r + 1));
+                }
             }
         }
     }

@@ -125,63 +125,83 @@ unsafe fn decode_avx2(
                 return Err(DecodeError::CorruptStream { stream: 0 });
             }
             let row = &mut row[g0..g0 + k];
-            for v in 0..vectors {
-                let xv = x[v];
-                let idx = _mm256_add_epi32(offv[v], _mm256_and_si256(xv, slot_mask));
-                // SAFETY: every index is a member's offset (member < members) plus a slot
-                // below PROB_SCALE, so it lies inside `set.slots`, which has
-                // members · PROB_SCALE entries.
-                let e = _mm256_i32gather_epi32::<4>(table, idx);
-                let freq = _mm256_and_si256(e, low13);
-                let off = _mm256_and_si256(_mm256_srli_epi32::<13>(e), low12);
-                let r = _mm256_srli_epi32::<25>(e);
-                let xn = _mm256_add_epi32(
-                    _mm256_mullo_epi32(freq, _mm256_srli_epi32::<{ PROB_BITS as i32 }>(xv)),
-                    off,
-                );
-                // Refill the active lanes whose state fell below RANS_L, in lane order.
-                let need = _mm256_and_si256(_mm256_cmpgt_epi32(rans_l, xn), active[v]);
-                let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
-                // SAFETY: pos <= count + 24 here (at most 8 refills per earlier vector of
-                // this step, and pos <= count before it), so the 8 words read lie within
-                // `words`, which has count + WORD_PAD (= count + 40) entries.
-                let wv8 = _mm256_cvtepu16_epi32(_mm_loadu_si128(
-                    words.as_ptr().add(pos).cast::<__m128i>(),
-                ));
-                let spread = _mm256_loadu_si256(SPREAD[m].as_ptr().cast());
-                let refill = _mm256_or_si256(
-                    _mm256_slli_epi32::<16>(xn),
-                    _mm256_permutevar8x32_epi32(wv8, spread),
-                );
-                let xn = _mm256_blendv_epi8(xn, refill, need);
-                pos += m.count_ones() as usize;
-                x[v] = _mm256_blendv_epi8(xv, xn, active[v]);
-                // The symbol, its range check and the next prediction.
-                let s = _mm256_add_epi32(basev[v], r);
-                let out_of_range = _mm256_xor_si256(_mm256_max_epu32(s, wv), wv);
-                bad = _mm256_or_si256(bad, _mm256_and_si256(out_of_range, active[v]));
-                let s8 = _mm256_and_si256(s, _mm256_set1_epi32(0xFF));
-                basev[v] = _mm256_sub_epi32(
-                    _mm256_srli_epi32::<4>(_mm256_add_epi32(
-                        _mm256_mullo_epi32(rhov[v], s8),
-                        biasv[v],
-                    )),
-                    wv,
-                );
-                // Pack the 8 low bytes: bytes 0, 4, 8, 12 of each 128-bit half, then the
-                // two halves' first dwords side by side.
-                let packed = _mm256_shuffle_epi8(
-                    s8,
-                    _mm256_setr_epi8(
-                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12,
-                        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                    ),
-                );
-                let packed =
-                    _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
-                let bytes = _mm256_extract_epi64::<0>(packed).to_le_bytes();
-                let dst = &mut row[8 * v..(8 * v + 8).min(k)];
-                dst.copy_from_slice(&bytes[..dst.len()]);
+            macro_rules! decode_vector {
+                ($v:expr) => {{
+                    let v: usize = $v;
+                    let xv = x[v];
+                    let idx = _mm256_add_epi32(offv[v], _mm256_and_si256(xv, slot_mask));
+                    // SAFETY: every index is a member's offset (member < members) plus a slot
+                    // below PROB_SCALE, so it lies inside `set.slots`, which has
+                    // members · PROB_SCALE entries.
+                    let e = _mm256_i32gather_epi32::<4>(table, idx);
+                    let freq = _mm256_and_si256(e, low13);
+                    let off = _mm256_and_si256(_mm256_srli_epi32::<13>(e), low12);
+                    let r = _mm256_srli_epi32::<25>(e);
+                    let xn = _mm256_add_epi32(
+                        _mm256_mullo_epi32(freq, _mm256_srli_epi32::<{ PROB_BITS as i32 }>(xv)),
+                        off,
+                    );
+                    // Refill the active lanes whose state fell below RANS_L, in lane order.
+                    let need = _mm256_and_si256(_mm256_cmpgt_epi32(rans_l, xn), active[v]);
+                    let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
+                    // SAFETY: pos <= count + 24 here (at most 8 refills per earlier vector of
+                    // this step, and pos <= count before it), so the 8 words read lie within
+                    // `words`, which has count + WORD_PAD (= count + 40) entries.
+                    let wv8 = _mm256_cvtepu16_epi32(_mm_loadu_si128(
+                        words.as_ptr().add(pos).cast::<__m128i>(),
+                    ));
+                    let spread = _mm256_loadu_si256(SPREAD[m].as_ptr().cast());
+                    let refill = _mm256_or_si256(
+                        _mm256_slli_epi32::<16>(xn),
+                        _mm256_permutevar8x32_epi32(wv8, spread),
+                    );
+                    let xn = _mm256_blendv_epi8(xn, refill, need);
+                    pos += m.count_ones() as usize;
+                    x[v] = _mm256_blendv_epi8(xv, xn, active[v]);
+                    // The symbol, its range check and the next prediction.
+                    let s = _mm256_add_epi32(basev[v], r);
+                    let out_of_range = _mm256_xor_si256(_mm256_max_epu32(s, wv), wv);
+                    bad = _mm256_or_si256(bad, _mm256_and_si256(out_of_range, active[v]));
+                    let s8 = _mm256_and_si256(s, _mm256_set1_epi32(0xFF));
+                    basev[v] = _mm256_sub_epi32(
+                        _mm256_srli_epi32::<4>(_mm256_add_epi32(
+                            _mm256_mullo_epi32(rhov[v], s8),
+                            biasv[v],
+                        )),
+                        wv,
+                    );
+                    // Pack the 8 low bytes: bytes 0, 4, 8, 12 of each 128-bit half, then the
+                    // two halves' first dwords side by side.
+                    let packed = _mm256_shuffle_epi8(
+                        s8,
+                        _mm256_setr_epi8(
+                            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8,
+                            12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                        ),
+                    );
+                    let packed = _mm256_permutevar8x32_epi32(
+                        packed,
+                        _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0),
+                    );
+                    let bytes = _mm256_extract_epi64::<0>(packed).to_le_bytes();
+                    if 8 * v + 8 <= k {
+                        row[8 * v..8 * v + 8].copy_from_slice(&bytes);
+                    } else {
+                        for (d, &b) in row[8 * v..k].iter_mut().zip(&bytes) {
+                            *d = b;
+                        }
+                    }
+                }};
+            }
+            if vectors == 4 {
+                decode_vector!(0);
+                decode_vector!(1);
+                decode_vector!(2);
+                decode_vector!(3);
+            } else {
+                for v in 0..vectors {
+                    decode_vector!(v);
+                }
             }
         }
     }
@@ -264,8 +284,8 @@ unsafe fn encode_avx2(
     // Low 16 bits of each dword to the low 8 bytes of each 128-bit half, then the halves'
     // low quadwords side by side.
     let pack16 = _mm256_setr_epi8(
-        0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1,
-        -1, -1, -1, -1, -1, -1, -1,
+        0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1,
+        -1, -1, -1, -1, -1, -1,
     );
     for (p, g0, k) in b.groups().rev() {
         let table = sets[p].enc_packed.as_ptr().cast::<i32>();
@@ -284,57 +304,79 @@ unsafe fn encode_avx2(
         let rows = &residuals[p * n * c..(p + 1) * n * c];
         for row in rows.chunks_exact(c).rev() {
             let row = &row[g0..g0 + k];
-            for v in (0..vectors).rev() {
-                let mut r8 = [0u8; 8];
-                let src = &row[8 * v..(8 * v + 8).min(k)];
-                r8[..src.len()].copy_from_slice(src);
-                let r = _mm256_and_si256(
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(r8.as_ptr().cast())),
-                    _mm256_set1_epi32(MAX_RESIDUALS as i32 - 1),
-                );
-                let idx = _mm256_add_epi32(offv[v], r);
-                // SAFETY: idx = member · MAX_RESIDUALS + r with member < members and
-                // r < MAX_RESIDUALS, so entries 2·idx and 2·idx + 1 lie inside `enc_packed`
-                // (2 · members · MAX_RESIDUALS entries); inactive lanes read member 0.
-                let rcp = _mm256_i32gather_epi32::<8>(table, idx);
-                let packed = _mm256_i32gather_epi32::<8>(table.add(1), idx);
-                let start = _mm256_and_si256(packed, low12);
-                let cmpl = _mm256_and_si256(_mm256_srli_epi32::<12>(packed), low12);
-                let s = _mm256_srli_epi32::<24>(packed);
-                let x_max = _mm256_slli_epi32::<{ 31 - PROB_BITS as i32 }>(_mm256_sub_epi32(
-                    scale, cmpl,
-                ));
-                let xv = x[v];
-                // Spill where x >= x_max (both below 2^31, so the signed compare is right).
-                let keep = _mm256_cmpgt_epi32(x_max, xv);
-                let spill = _mm256_andnot_si256(keep, active[v]);
-                let m = _mm256_movemask_ps(_mm256_castsi256_ps(spill)) as usize;
-                let gathered = _mm256_permutevar8x32_epi32(
-                    _mm256_and_si256(xv, low16),
-                    // SAFETY: m < 256 indexes the table; each row is 8 u32.
-                    _mm256_loadu_si256(GATHER_HIGH[m].as_ptr().cast()),
-                );
-                let w16 = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(gathered, pack16));
-                // SAFETY: pos >= 8 + (words still to be written below), because the buffer
-                // has 8 slack words below the lowest position a valid count reaches; the
-                // store covers words pos-8 .. pos, of which the top popcount(m) are kept.
-                _mm_storeu_si128(
-                    words.as_mut_ptr().add(pos - 8).cast(),
-                    _mm256_castsi256_si128(w16),
-                );
-                pos -= m.count_ones() as usize;
-                let xs = _mm256_blendv_epi8(xv, _mm256_srli_epi32::<16>(xv), spill);
-                // q = (x · rcp) >> (31 + s), per lane in 64 bits: even lanes, then odd lanes.
-                let sh_even = _mm256_add_epi64(_mm256_and_si256(s, _mm256_set1_epi64x(0xFF)), shift_base);
-                let sh_odd = _mm256_add_epi64(_mm256_srli_epi64::<32>(s), shift_base);
-                let q_even = _mm256_srlv_epi64(_mm256_mul_epu32(xs, rcp), sh_even);
-                let q_odd = _mm256_srlv_epi64(
-                    _mm256_mul_epu32(_mm256_srli_epi64::<32>(xs), _mm256_srli_epi64::<32>(rcp)),
-                    sh_odd,
-                );
-                let q = _mm256_blend_epi32::<0b1010_1010>(q_even, _mm256_slli_epi64::<32>(q_odd));
-                let xn = _mm256_add_epi32(_mm256_add_epi32(xs, start), _mm256_mullo_epi32(q, cmpl));
-                x[v] = _mm256_blendv_epi8(xv, xn, active[v]);
+            macro_rules! encode_vector {
+                ($v:expr) => {{
+                    let v: usize = $v;
+                    let mut r8 = [0u8; 8];
+                    if 8 * v + 8 <= k {
+                        r8.copy_from_slice(&row[8 * v..8 * v + 8]);
+                    } else {
+                        for (d, &b) in r8.iter_mut().zip(&row[8 * v..k]) {
+                            *d = b;
+                        }
+                    }
+                    let r = _mm256_and_si256(
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(r8.as_ptr().cast())),
+                        _mm256_set1_epi32(MAX_RESIDUALS as i32 - 1),
+                    );
+                    let idx = _mm256_add_epi32(offv[v], r);
+                    // SAFETY: idx = member · MAX_RESIDUALS + r with member < members and
+                    // r < MAX_RESIDUALS, so entries 2·idx and 2·idx + 1 lie inside `enc_packed`
+                    // (2 · members · MAX_RESIDUALS entries); inactive lanes read member 0.
+                    let rcp = _mm256_i32gather_epi32::<8>(table, idx);
+                    let packed = _mm256_i32gather_epi32::<8>(table.add(1), idx);
+                    let start = _mm256_and_si256(packed, low12);
+                    let cmpl = _mm256_and_si256(_mm256_srli_epi32::<12>(packed), low12);
+                    let s = _mm256_srli_epi32::<24>(packed);
+                    let x_max = _mm256_slli_epi32::<{ 31 - PROB_BITS as i32 }>(_mm256_sub_epi32(
+                        scale, cmpl,
+                    ));
+                    let xv = x[v];
+                    // Spill where x >= x_max (both below 2^31, so the signed compare is right).
+                    let keep = _mm256_cmpgt_epi32(x_max, xv);
+                    let spill = _mm256_andnot_si256(keep, active[v]);
+                    let m = _mm256_movemask_ps(_mm256_castsi256_ps(spill)) as usize;
+                    let gathered = _mm256_permutevar8x32_epi32(
+                        _mm256_and_si256(xv, low16),
+                        // SAFETY: m < 256 indexes the table; each row is 8 u32.
+                        _mm256_loadu_si256(GATHER_HIGH[m].as_ptr().cast()),
+                    );
+                    let w16 =
+                        _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(gathered, pack16));
+                    // SAFETY: pos >= 8 + (words still to be written below), because the buffer
+                    // has 8 slack words below the lowest position a valid count reaches; the
+                    // store covers words pos-8 .. pos, of which the top popcount(m) are kept.
+                    _mm_storeu_si128(
+                        words.as_mut_ptr().add(pos - 8).cast(),
+                        _mm256_castsi256_si128(w16),
+                    );
+                    pos -= m.count_ones() as usize;
+                    let xs = _mm256_blendv_epi8(xv, _mm256_srli_epi32::<16>(xv), spill);
+                    // q = (x · rcp) >> (31 + s), per lane in 64 bits: even lanes, then odd lanes.
+                    let sh_even =
+                        _mm256_add_epi64(_mm256_and_si256(s, _mm256_set1_epi64x(0xFF)), shift_base);
+                    let sh_odd = _mm256_add_epi64(_mm256_srli_epi64::<32>(s), shift_base);
+                    let q_even = _mm256_srlv_epi64(_mm256_mul_epu32(xs, rcp), sh_even);
+                    let q_odd = _mm256_srlv_epi64(
+                        _mm256_mul_epu32(_mm256_srli_epi64::<32>(xs), _mm256_srli_epi64::<32>(rcp)),
+                        sh_odd,
+                    );
+                    let q =
+                        _mm256_blend_epi32::<0b1010_1010>(q_even, _mm256_slli_epi64::<32>(q_odd));
+                    let xn =
+                        _mm256_add_epi32(_mm256_add_epi32(xs, start), _mm256_mullo_epi32(q, cmpl));
+                    x[v] = _mm256_blendv_epi8(xv, xn, active[v]);
+                }};
+            }
+            if vectors == 4 {
+                encode_vector!(3);
+                encode_vector!(2);
+                encode_vector!(1);
+                encode_vector!(0);
+            } else {
+                for v in (0..vectors).rev() {
+                    encode_vector!(v);
+                }
             }
         }
     }
