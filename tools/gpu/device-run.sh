@@ -31,8 +31,8 @@ echo "== benchmark: llama-3-8b shape, 8192 tokens" | tee "$OUT/bench.log"
 if [ "$mode" = quick ]; then
     "$BIN/gpu_bench" --levels cg-default --iters 10 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log" || rc=1
 else
-    "$BIN/gpu_bench" --chunk 256 --iters 20 --cpu-check --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log" || rc=1
-    "$BIN/gpu_bench" --chunk 128,64 --iters 20 --json "$OUT/bench-chunks.jsonl" 2>&1 | tee -a "$OUT/bench.log" || rc=1
+    KVWIRE_GPU_PROFILE=1 "$BIN/gpu_bench" --chunk 256 --iters 20 --cpu-check --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log" || rc=1
+    KVWIRE_GPU_PROFILE=1 "$BIN/gpu_bench" --chunk 128,64 --iters 20 --json "$OUT/bench-chunks.jsonl" 2>&1 | tee -a "$OUT/bench.log" || rc=1
 fi
 echo "device-run: exit $rc" | tee -a "$OUT/bench.log"
 exit $rc
