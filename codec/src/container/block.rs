@@ -229,6 +229,20 @@ pub(crate) fn decode_payload(
     payload: &[u8],
     out: &mut [u8],
 ) -> std::result::Result<(), DecodeError> {
+    decode_payload_with(header, layer, t0, n, payload, out, true)
+}
+
+/// [`decode_payload`]; `fused` lets the SIMD decoder write f16 values itself (tests turn it
+/// off to compare with the separate dequantizer).
+fn decode_payload_with(
+    header: &Header,
+    layer: usize,
+    t0: usize,
+    n: usize,
+    payload: &[u8],
+    out: &mut [u8],
+    fused: bool,
+) -> std::result::Result<(), DecodeError> {
     let mut spec = header.spec;
     spec.shape.layers = 1;
     let c = spec.shape.channels();
@@ -273,7 +287,31 @@ pub(crate) fn decode_payload(
                     widths: [alphabet(bk) - 1, alphabet(bv) - 1],
                 };
                 let rest = r.take(r.remaining())?;
-                native::decode_symbols(rest, b, syms)?;
+                if fused && spec.dtype == DType::F16 && channel_scales.is_none() {
+                    // The SIMD decoder writes the values itself where it can.
+                    let row0 = |part| spec.row_runs(0, part, 0);
+                    let (k0, v0) = (row0(Part::K), row0(Part::V));
+                    let values: Vec<f32> = scales
+                        .iter()
+                        .flatten()
+                        .map(|&s| spec.dtype.scale_value(s))
+                        .collect();
+                    let mut rows = native::F16Rows {
+                        out: &mut *out,
+                        plane: [k0.start, v0.start],
+                        row_step: spec.row_runs(0, Part::K, 1).start - k0.start,
+                        run_len: k0.run_len,
+                        run_stride: k0.stride,
+                        t0,
+                        max: [quant::max_level(bk) as f32, quant::max_level(bv) as f32],
+                        scales: &values,
+                    };
+                    if native::decode_symbols_f16(rest, b, syms, &mut rows)? {
+                        return finish(&r);
+                    }
+                } else {
+                    native::decode_symbols(rest, b, syms)?;
+                }
             }
             Level::Lmcache => {
                 let mut streams = vec![0u8; syms.len()];
@@ -450,5 +488,53 @@ fn finish(r: &ByteReader<'_>) -> std::result::Result<(), DecodeError> {
     match r.remaining() {
         0 => Ok(()),
         n => Err(DecodeError::TrailingBytes(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BlockHeader, EncodeOptions, Encoder, KvCache, KvShape, KvSpec, Layout};
+
+    /// The SIMD decoder's own f16 output equals the separate dequantizer's, bit for bit, in
+    /// both layouts, for full and partial chunks and every native level.
+    #[test]
+    fn fused_f16_output_matches_the_dequantizer() {
+        for layout in [Layout::Hf, Layout::Vllm] {
+            for (heads, dim, tokens) in [(3, 64, 300), (2, 8, 37), (8, 16, 64), (1, 40, 5)] {
+                let spec = KvSpec {
+                    shape: KvShape::new(2, heads, tokens, dim),
+                    layout,
+                    dtype: DType::F16,
+                };
+                let kv = KvCache::from_fn(spec, |i| {
+                    let h = (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) % 2000;
+                    (h as f32 / 1000.0 - 1.0) * (1.0 + (i % 7) as f32)
+                });
+                for level in [Level::CgHigh, Level::CgDefault, Level::CgLow] {
+                    let enc = Encoder::new(spec, &EncodeOptions::level(level)).unwrap();
+                    let h = enc.header();
+                    let mut one = spec;
+                    one.shape.layers = 1;
+                    for layer in 0..2 {
+                        for chunk in 0..h.chunks() {
+                            let mut block = Vec::new();
+                            enc.encode_block(&kv.view(), layer, chunk, &mut block)
+                                .unwrap();
+                            let bh = BlockHeader::read(&block).unwrap();
+                            let payload = bh.verified_payload(&block).unwrap();
+                            let r = h.chunk_range(chunk);
+                            let mut a = vec![0u8; one.byte_len()];
+                            let mut b = vec![0u8; one.byte_len()];
+                            decode_payload_with(h, layer, r.start, r.len(), payload, &mut a, true)
+                                .unwrap();
+                            decode_payload_with(h, layer, r.start, r.len(), payload, &mut b, false)
+                                .unwrap();
+                            assert!(a == b, "{layout:?} {heads}x{dim} {level} l{layer} c{chunk}");
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -232,6 +232,75 @@ pub fn decode_symbols(bytes: &[u8], b: BlockSymbols, syms: &mut [u8]) -> Result<
     decode_symbols_with(bytes, b, syms, Kernel::Best)
 }
 
+/// Where a decoder that writes values itself puts a block's rows, as f16: the layer buffer and
+/// how (part, token, channel) maps into it (the layout of [`crate::KvSpec::row_runs`]:
+/// element `plane[p] + t·row_step + (c / run_len)·run_stride + c mod run_len`).
+#[derive(Debug)]
+pub struct F16Rows<'a> {
+    /// The layer's bytes (f16, little-endian).
+    pub out: &'a mut [u8],
+    /// Element offset of token 0 of each part.
+    pub plane: [usize; 2],
+    /// Elements from one token's row to the next.
+    pub row_step: usize,
+    /// Channels stored contiguously.
+    pub run_len: usize,
+    /// Elements between runs.
+    pub run_stride: usize,
+    /// The block's first token.
+    pub t0: usize,
+    /// `MAX` of each part's bins, as f32.
+    pub max: [f32; 2],
+    /// Each row's scale value (`[part][token]`, `2·n` values).
+    pub scales: &'a [f32],
+}
+
+impl F16Rows<'_> {
+    /// Element offset of channel `ch` within a row.
+    pub(crate) fn channel_offset(&self, ch: usize) -> usize {
+        (ch / self.run_len) * self.run_stride + ch % self.run_len
+    }
+
+    /// Whether a block of shape `b` can be written this way: 8-channel chunks that never
+    /// cross a run, every element inside `out`, a scale per row.
+    pub(crate) fn fits(&self, b: BlockSymbols) -> bool {
+        if b.n == 0 || b.channels % 8 != 0 || self.run_len % 8 != 0 || self.scales.len() != 2 * b.n
+        {
+            return false;
+        }
+        let last = |p: usize| {
+            self.plane[p]
+                + (self.t0 + b.n - 1) * self.row_step
+                + self.channel_offset(b.channels - 8)
+                + 8
+        };
+        let elements = self.out.len() / 2;
+        last(0) <= elements && last(1) <= elements
+    }
+}
+
+/// Decodes like [`decode_symbols`] and, where this CPU has a decoder that does so, writes the
+/// values straight into `rows` (returns `true`); otherwise only fills `syms` (returns
+/// `false`) and the caller dequantizes. On error, the block's part of `rows.out` may have been
+/// written.
+///
+/// # Errors
+/// As [`decode_symbols`].
+pub fn decode_symbols_f16(
+    bytes: &[u8],
+    b: BlockSymbols,
+    syms: &mut [u8],
+    rows: &mut F16Rows<'_>,
+) -> Result<bool, DecodeError> {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() && rows.fits(b) {
+        decode_impl(bytes, b, syms, Kernel::Best, Some(rows))?;
+        return Ok(true);
+    }
+    decode_impl(bytes, b, syms, Kernel::Best, None)?;
+    Ok(false)
+}
+
 /// Which decoding loop to run (tests compare them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -250,6 +319,16 @@ pub fn decode_symbols_with(
     b: BlockSymbols,
     syms: &mut [u8],
     kernel: Kernel,
+) -> Result<(), DecodeError> {
+    decode_impl(bytes, b, syms, kernel, None)
+}
+
+fn decode_impl(
+    bytes: &[u8],
+    b: BlockSymbols,
+    syms: &mut [u8],
+    kernel: Kernel,
+    f16_rows: Option<&mut F16Rows<'_>>,
 ) -> Result<(), DecodeError> {
     assert_eq!(syms.len(), b.len(), "buffer does not match the block shape");
     let streams = 2 * b.channels;
@@ -279,9 +358,10 @@ pub fn decode_symbols_with(
         }
         #[cfg(target_arch = "x86_64")]
         if kernel == Kernel::Best && simd::available() {
-            return simd::decode(words, count, b, &codes, &sets, syms);
+            return simd::decode(words, count, b, &codes, &sets, syms, f16_rows);
         }
         let _ = kernel;
+        debug_assert!(f16_rows.is_none(), "fused output without the SIMD decoder");
         lanes::decode(words, count, b, &codes, &sets, syms)
     })
 }

@@ -13,14 +13,14 @@
 
 use std::arch::x86_64::*;
 
-use super::{BlockSymbols, StreamCode, LANES};
+use super::{BlockSymbols, F16Rows, StreamCode, LANES};
 use crate::error::DecodeError;
 use crate::model::ModelSet;
 use crate::rans::{PROB_BITS, PROB_SCALE, RANS_L};
 
 /// Whether this CPU runs the AVX2 decoder.
 pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx2")
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
 }
 
 /// For each 8-bit refill mask, the word index each lane takes: lane `i` of a refilling set
@@ -54,15 +54,19 @@ pub(super) fn decode(
     codes: &[StreamCode],
     sets: &[std::sync::Arc<ModelSet>; 2],
     syms: &mut [u8],
+    f16_rows: Option<&mut F16Rows<'_>>,
 ) -> Result<(), DecodeError> {
     assert!(available() && words.len() >= count + super::lanes::WORD_PAD);
     assert_eq!(syms.len(), b.len());
-    // SAFETY: AVX2 is present (checked above); the function's memory accesses are justified
-    // inside it from the two asserted lengths.
-    unsafe { decode_avx2(words, count, b, codes, sets, syms) }
+    if let Some(r) = &f16_rows {
+        assert!(r.fits(b), "f16 rows outside the output buffer");
+    }
+    // SAFETY: AVX2 and F16C are present (checked above); the function's memory accesses are
+    // justified inside it from the asserted lengths.
+    unsafe { decode_avx2(words, count, b, codes, sets, syms, f16_rows) }
 }
 
-#[target_feature(enable = "avx2,popcnt")]
+#[target_feature(enable = "avx2,popcnt,f16c")]
 unsafe fn decode_avx2(
     words: &[u16],
     count: usize,
@@ -70,6 +74,7 @@ unsafe fn decode_avx2(
     codes: &[StreamCode],
     sets: &[std::sync::Arc<ModelSet>; 2],
     syms: &mut [u8],
+    mut f16_rows: Option<&mut F16Rows<'_>>,
 ) -> Result<(), DecodeError> {
     let (n, c) = (b.n, b.channels);
     let lanes = b.lanes();
@@ -119,12 +124,31 @@ unsafe fn decode_avx2(
             basev[v] = _mm256_loadu_si256(base[8 * v..].as_ptr().cast());
             active[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32 - 8 * v as i32), lane_index);
         }
+        // With fused output: each vector's element offset within a row, the part's levels.
+        let mut chunk_off = [0usize; 4];
+        let (mut maxv, mut out_base) = (_mm256_setzero_ps(), std::ptr::null_mut::<u16>());
+        if let Some(r) = f16_rows.as_deref_mut() {
+            for (v, o) in chunk_off.iter_mut().enumerate() {
+                *o = r.channel_offset(g0 + 8 * v);
+            }
+            maxv = _mm256_set1_ps(r.max[p]);
+            out_base = r.out.as_mut_ptr().cast::<u16>();
+        }
+        let fused = f16_rows
+            .as_deref()
+            .map(|r| (r.plane[p] + r.t0 * r.row_step, r.row_step));
         let rows = &mut syms[p * n * c..(p + 1) * n * c];
-        for row in rows.chunks_exact_mut(c) {
+        for (i, row) in rows.chunks_exact_mut(c).enumerate() {
             if pos > count {
                 return Err(DecodeError::CorruptStream { stream: 0 });
             }
             let row = &mut row[g0..g0 + k];
+            let (row_el, scale) = match (&fused, f16_rows.as_deref()) {
+                (Some((start, step)), Some(r)) => {
+                    (start + i * step, _mm256_set1_ps(r.scales[p * n + i]))
+                }
+                _ => (0, _mm256_setzero_ps()),
+            };
             macro_rules! decode_vector {
                 ($v:expr) => {{
                     let v: usize = $v;
@@ -170,25 +194,37 @@ unsafe fn decode_avx2(
                         )),
                         wv,
                     );
-                    // Pack the 8 low bytes: bytes 0, 4, 8, 12 of each 128-bit half, then the
-                    // two halves' first dwords side by side.
-                    let packed = _mm256_shuffle_epi8(
-                        s8,
-                        _mm256_setr_epi8(
-                            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8,
-                            12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                        ),
-                    );
-                    let packed = _mm256_permutevar8x32_epi32(
-                        packed,
-                        _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0),
-                    );
-                    let bytes = _mm256_extract_epi64::<0>(packed).to_le_bytes();
-                    if 8 * v + 8 <= k {
-                        row[8 * v..8 * v + 8].copy_from_slice(&bytes);
+                    if !out_base.is_null() {
+                        // x^ = ((q - MAX) / MAX) · m in f32 (the same IEEE operations as
+                        // `quant::level_values` and the dequantizer), rounded to f16.
+                        let sf = _mm256_cvtepi32_ps(s8);
+                        let val =
+                            _mm256_mul_ps(_mm256_div_ps(_mm256_sub_ps(sf, maxv), maxv), scale);
+                        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(val);
+                        // SAFETY: `F16Rows::fits` (asserted by `decode`) bounds every row
+                        // start plus every 8-channel chunk offset plus 8 within `out`.
+                        _mm_storeu_si128(out_base.add(row_el + chunk_off[v]).cast(), h);
                     } else {
-                        for (d, &b) in row[8 * v..k].iter_mut().zip(&bytes) {
-                            *d = b;
+                        // Pack the 8 low bytes: bytes 0, 4, 8, 12 of each 128-bit half, then the
+                        // two halves' first dwords side by side.
+                        let packed = _mm256_shuffle_epi8(
+                            s8,
+                            _mm256_setr_epi8(
+                                0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4,
+                                8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                            ),
+                        );
+                        let packed = _mm256_permutevar8x32_epi32(
+                            packed,
+                            _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0),
+                        );
+                        let bytes = _mm256_extract_epi64::<0>(packed).to_le_bytes();
+                        if 8 * v + 8 <= k {
+                            row[8 * v..8 * v + 8].copy_from_slice(&bytes);
+                        } else {
+                            for (d, &b) in row[8 * v..k].iter_mut().zip(&bytes) {
+                                *d = b;
+                            }
                         }
                     }
                 }};
