@@ -4,6 +4,8 @@
 
 use std::sync::OnceLock;
 
+use cudarc::driver::DevicePtr;
+
 use kvwire_codec::cuda::{available, DecodeKernel, DeviceKv, GpuCodec, GpuDecoder, GpuEncoder};
 use kvwire_codec::{
     decode, encode, file, quant, DType, EncodeOptions, KvCache, KvShape, KvSpec, Layout, Level,
@@ -145,9 +147,18 @@ fn gpu_round_trip_within_bound_and_cpu_reads_it() {
             // The CPU reads the GPU's stream, within the level's bound.
             let cpu_dec = decode(&gpu_bytes).expect("CPU decodes the GPU stream");
             assert_within_bound(&kv, &cpu_dec, level);
-            // The GPU decodes its own stream to the same bits as the CPU.
+            // The GPU decodes its own stream to the same bits as the CPU, into a buffer it is
+            // handed by raw device pointer (as a serving engine's cache).
             let mut dec = GpuDecoder::new(codec, &gpu_bytes).unwrap();
-            let out = dec.decode().unwrap();
+            let out = codec
+                .stream()
+                .alloc_zeros::<u16>(spec.byte_len() / 2)
+                .unwrap();
+            let (ptr, _) = out.device_ptr(codec.stream());
+            #[allow(unsafe_code)] // the raw-pointer entry point is unsafe by nature
+            // SAFETY: `out` is a live allocation of the spec's size, used by nothing else.
+            let r = unsafe { dec.decode_into_ptr(ptr) };
+            r.unwrap();
             let gpu_dec = download(codec, &out, spec);
             assert!(
                 gpu_dec.bytes() == cpu_dec.bytes(),

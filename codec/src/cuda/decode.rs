@@ -164,6 +164,38 @@ impl<'a> GpuDecoder<'a> {
             }
             .into());
         }
+        let p_out = dptr(out, &self.codec.stream);
+        self.launch_at(p_out)
+    }
+
+    /// Queues the decode into the device memory at `out`, a cache of [`Self::spec`] that
+    /// the caller (a serving engine) owns; [`Self::finish`] waits and reports errors.
+    ///
+    /// # Safety
+    /// `out` must point to `self.spec().byte_len()` writable bytes of device memory in the
+    /// codec's context, not used by anything else until [`Self::finish`] returns.
+    ///
+    /// # Errors
+    /// Launch failures.
+    pub unsafe fn launch_into_ptr(&mut self, out: u64) -> GpuResult<()> {
+        self.launch_at(out)
+    }
+
+    /// Decodes into the device memory at `out` (see [`Self::launch_into_ptr`]) and waits.
+    ///
+    /// # Safety
+    /// As [`Self::launch_into_ptr`].
+    ///
+    /// # Errors
+    /// As [`Self::launch_into_ptr`] and [`Self::finish`].
+    pub unsafe fn decode_into_ptr(&mut self, out: u64) -> GpuResult<()> {
+        self.launch_at(out)?;
+        self.finish()
+    }
+
+    /// Queues the kernels; `p_out` holds `spec().byte_len()` writable device bytes.
+    fn launch_at(&mut self, p_out: u64) -> GpuResult<()> {
+        let spec = self.header.spec;
         let stream = &self.codec.stream;
         let k = &self.codec.k;
         let s = &spec.shape;
@@ -185,12 +217,12 @@ impl<'a> GpuDecoder<'a> {
         let p_slots = dptr(&self.tables.slots, stream);
         let p_sym8 = dptr(&self.tables.sym8, stream);
         let p_info = dptr(&self.tables.info, stream);
-        let p_out = dptr(out, stream);
         let p_crc = dptr(&self.codec.crc_tab, stream);
         let p_x2n = dptr(&self.codec.x2n, stream);
-        // SAFETY: the pointers are live allocations: the uploaded stream, whose block offsets
-        // and block headers the host checked (each block lies within the stream, its layer
-        // and tokens within the shape); `out` has the spec's size (checked above). The
+        // SAFETY: `p_out` holds the spec's bytes (checked by `launch`, promised by the caller
+        // of `launch_into_ptr`). The other pointers are live allocations: the uploaded
+        // stream, whose block offsets and block headers the host checked (each block lies
+        // within the stream, its layer and tokens within the shape), and the tables. The
         // kernels bound every payload read by the block's payload_len and clamp word reads to
         // the word count. The argument lists match the kernels' parameter lists.
         unsafe {
