@@ -66,6 +66,9 @@ pub const fn member(shape: usize, scale: usize, offset: usize) -> usize {
     (shape * SCALES + scale) * 2 + offset
 }
 
+/// One bit in [`ResidualTable::cost_q`] units.
+pub const COST_ONE: f64 = 4096.0;
+
 /// Residual indices a table has room for (`2·63 + 1` used at most); fixed so that indexing
 /// with a masked residual needs no bounds check.
 pub const MAX_RESIDUALS: usize = 128;
@@ -78,6 +81,9 @@ pub struct ResidualTable {
     pub enc: Box<[EncSymbol; MAX_RESIDUALS]>,
     /// Code length in bits per residual index.
     pub cost: Vec<f32>,
+    /// Code length per residual index in 1/4096 bits (at most 12·4096, so that a histogram
+    /// of up to 65535 counts prices in a `u32`, exactly and in any order).
+    pub cost_q: Vec<u32>,
     /// Frequency per residual index.
     pub freq: Vec<u32>,
 }
@@ -234,13 +240,20 @@ fn table_from_probabilities(p: &[f64]) -> ResidualTable {
     // Unused entries hold a valid symbol too, so that every entry packs.
     let mut enc = Box::new([EncSymbol::new(0, 1); MAX_RESIDUALS]);
     let mut cost = Vec::with_capacity(n);
+    let mut cost_q = Vec::with_capacity(n);
     let mut start = 0u32;
     for (i, &f) in freq.iter().enumerate() {
         enc[i] = EncSymbol::new(start, f);
         cost.push((PROB_SCALE as f32 / f as f32).log2());
+        cost_q.push(((PROB_SCALE as f64 / f as f64).log2() * COST_ONE).round() as u32);
         start += f;
     }
-    ResidualTable { enc, cost, freq }
+    ResidualTable {
+        enc,
+        cost,
+        cost_q,
+        freq,
+    }
 }
 
 #[cfg(test)]

@@ -149,6 +149,7 @@ fn prediction_model(s1: u32, s2: u32, lag: u32, n: usize, w: u32) -> ChannelMode
 
 /// The shape and scale of least exact code length for residual histogram `hist`
 /// (`2w + 1` counts over `n` tokens).
+#[inline(always)]
 fn choose_shape_scale(m: ChannelModel, hist: &[u16], n: usize, set: &ModelSet) -> ChannelModel {
     let p = Predictor::new(&m);
     let w = set.half_width;
@@ -165,7 +166,7 @@ fn choose_shape_scale(m: ChannelModel, hist: &[u16], n: usize, set: &ModelSet) -
     let sd = (sq / n as f64).sqrt().max(1e-3);
     let lo = hist.iter().position(|&c| c != 0).unwrap_or(0);
     let hi = hist.iter().rposition(|&c| c != 0).map_or(0, |i| i + 1);
-    let mut best = (f32::INFINITY, m);
+    let mut best = (u32::MAX, m);
     for shape in 0..SHAPES {
         // Laplace's standard deviation is b·√2, Gauss's is b.
         let b = if shape == 0 {
@@ -173,12 +174,13 @@ fn choose_shape_scale(m: ChannelModel, hist: &[u16], n: usize, set: &ModelSet) -
         } else {
             sd
         };
-        let cost = |k: usize| -> f32 {
-            let t = &set.tables[member(shape, k, p.offset)].cost;
+        // Exact integer code lengths: n·12·4096 < 2^32, and integer sums vectorize.
+        let cost = |k: usize| -> u32 {
+            let t = &set.tables[member(shape, k, p.offset)].cost_q;
             hist[lo..hi]
                 .iter()
                 .zip(&t[lo..hi])
-                .map(|(&h, &c)| h as f32 * c)
+                .map(|(&h, &c)| h as u32 * c)
                 .sum()
         };
         let k0 = scale_index(b);
