@@ -71,8 +71,9 @@ impl Workspace {
 
 /// Encodes fp16 caches of one spec at one native level on the GPU.
 ///
-/// Holds the header, the device tables and the scratch of a whole-cache encode (about 1.5×
-/// the cache plus the worst-case output), so that repeated encodes allocate nothing.
+/// Holds the header, the device tables and the scratch of a whole-cache encode (about 2.5×
+/// the cache's bytes: symbols, worst-case words and worst-case output), so that repeated
+/// encodes allocate nothing.
 pub struct GpuEncoder<'a> {
     codec: &'a GpuCodec,
     header: Header,
