@@ -181,7 +181,7 @@ extern "C" __global__ void kv_quantize(const u16* __restrict__ x, u32 nl, u32 H,
 extern "C" __global__ void kv_models(u8* __restrict__ syms, u32 nl, u32 C, u32 T, u32 chunk,
                                      u32 nb, const u8* __restrict__ bins, u32 layer0,
                                      const u8* __restrict__ set_of /* [L*2] */,
-                                     const float* __restrict__ cost /* [set][NMEM][MAXR] */,
+                                     const u32* __restrict__ cost /* [set][NMEM][MAXR] */,
                                      double ln_step, u32* __restrict__ models, u32 hist_bins) {
     extern __shared__ u32 smem[];
     u32 lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
@@ -258,28 +258,27 @@ extern "C" __global__ void kv_models(u8* __restrict__ syms, u32 nl, u32 C, u32 T
     if (lo == nbins) lo = 0;
     double sd = sqrt(sq / nf);
     if (!(sd >= 1e-3)) sd = 1e-3;
-    const float* cs = cost + (u64)set_of[l * 2 + p] * NMEM * MAXR;
-    float best_c = __int_as_float(0x7f800000);
+    // Exact integer code lengths (1/4096 bit; n * 12 * 4096 < 2^32), as the CPU prices them.
+    const u32* cs = cost + (u64)set_of[l * 2 + p] * NMEM * MAXR;
+    u32 best_c = 0xffffffffu;
     u32 best_shape = 0, best_scale = 0;
     for (u32 shape = 0; shape < 2; shape++) {
         double b = shape == 0 ? sd / 1.4142135623730951 : sd;
         double kf = round(log(b / 0.08) / ln_step);
         u32 k0 = (isnan(kf) || kf < 0.0) ? 0 : (u32)min(kf, 47.0);
         u32 kk = k0;
-        float ck = 0.0f;
+        u32 ck = 0;
         {
-            const float* tb = cs + ((u64)((shape * NSCALES + kk) * 2 + offset)) * MAXR;
-            float acc = -0.0f;
-            for (u32 i = lo; i < hi; i++) acc = __fadd_rn(acc, __fmul_rn((float)hist[i * 32 + lane], tb[i]));
-            ck = acc;
+            const u32* tb = cs + ((u64)((shape * NSCALES + kk) * 2 + offset)) * MAXR;
+            for (u32 i = lo; i < hi; i++) ck += hist[i * 32 + lane] * tb[i];
         }
         for (int dir = 1; dir >= -1; dir -= 2) {
             for (;;) {
                 int nk = (int)kk + dir;
                 if (nk < 0 || nk >= NSCALES) break;
-                const float* tb = cs + ((u64)((shape * NSCALES + nk) * 2 + offset)) * MAXR;
-                float acc = -0.0f;
-                for (u32 i = lo; i < hi; i++) acc = __fadd_rn(acc, __fmul_rn((float)hist[i * 32 + lane], tb[i]));
+                const u32* tb = cs + ((u64)((shape * NSCALES + nk) * 2 + offset)) * MAXR;
+                u32 acc = 0;
+                for (u32 i = lo; i < hi; i++) acc += hist[i * 32 + lane] * tb[i];
                 if (acc >= ck) break;
                 kk = (u32)nk;
                 ck = acc;

@@ -151,8 +151,8 @@ struct DeviceTables {
     slots: CudaSlice<u32>,
     /// `[set][member][MAX_RESIDUALS]` pairs (`start | freq << 12 | (shift - 31) << 25`, `rcp`).
     enc: CudaSlice<u32>,
-    /// `[set][member][MAX_RESIDUALS]` code lengths in bits.
-    cost: CudaSlice<f32>,
+    /// `[set][member][MAX_RESIDUALS]` code lengths in 1/4096 bits (`ResidualTable::cost_q`).
+    cost: CudaSlice<u32>,
     /// `[set][member][PROB_SCALE]` residual index of each slot (the compact decoder table).
     sym8: CudaSlice<u8>,
     /// `[set][member][MAX_RESIDUALS]` `freq | start << 13` (with `sym8`).
@@ -335,7 +335,7 @@ impl GpuCodec {
         let per_res = MEMBERS * MAX_RESIDUALS;
         let mut slots = Vec::with_capacity(widths.len() * per_slots);
         let mut enc = vec![0u32; widths.len() * per_res * 2];
-        let mut cost = vec![0f32; widths.len() * per_res];
+        let mut cost = vec![0u32; widths.len() * per_res];
         let mut sym8 = Vec::with_capacity(widths.len() * per_slots);
         let wmax = widths.iter().copied().max().unwrap_or(1) as usize;
         let compact_mb = 64 + 2 * (2 * wmax + 2);
@@ -353,7 +353,7 @@ impl GpuCodec {
                         for (r, &f) in t.freq.iter().enumerate() {
                             enc[2 * (base + r)] = start | f << 12 | enc_shift(f) << 25;
                             enc[2 * (base + r) + 1] = enc_rcp(f);
-                            cost[base + r] = t.cost[r];
+                            cost[base + r] = t.cost_q[r];
                             info[base + r] = f | start << 13;
                             start += f;
                         }
