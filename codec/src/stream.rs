@@ -425,12 +425,21 @@ impl Decoder {
                 return Err(CodecError::BufferTooSmall { needed: need, have });
             }
         }
-        let view = KvView::new(cspec, chunk)?;
-        let mut row = vec![0u8; cspec.shape.channels() * cspec.dtype.size()];
+        // In both layouts the rows of consecutive tokens within one run (a head in the HF
+        // layout, the whole row in vLLM's) are adjacent, so a chunk's tokens of one run are one
+        // contiguous span in the chunk and in the layer.
+        let es = cspec.dtype.size();
+        let n = info.tokens.len();
         for part in crate::Part::BOTH {
-            for (i, t) in info.tokens.clone().enumerate() {
-                view.copy_row_bytes(0, part, i, &mut row);
-                crate::layout::write_row_bytes(&lspec, layer_out, 0, part, t, &row);
+            let (c, l) = (
+                cspec.row_runs(0, part, 0),
+                lspec.row_runs(0, part, info.tokens.start),
+            );
+            for run in 0..c.runs {
+                let span = n * c.run_len * es;
+                let from = (c.start + run * c.stride) * es;
+                let to = (l.start + run * l.stride) * es;
+                layer_out[to..to + span].copy_from_slice(&chunk[from..from + span]);
             }
         }
         Ok(())
