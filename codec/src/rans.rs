@@ -52,11 +52,11 @@ impl EncSymbol {
         PROB_SCALE - self.cmpl
     }
 
-    /// The symbol in two words for a SIMD encoder: the reciprocal (which fits 32 bits: it is
-    /// at most `2^31`, reached for powers of two), and `start | cmpl << 12 | (shift - 31) << 24`.
+    /// The symbol in two words for a SIMD encoder: the reciprocal (which fits 32 bits:
+    /// `2^(31+s) / f < 2^32` because `f > 2^(s-1)`), and `start | cmpl << 12 | (shift - 31) << 24`.
     /// The state bound is `(PROB_SCALE - cmpl) << (31 - PROB_BITS)`.
     pub fn packed(&self) -> [u32; 2] {
-        debug_assert!(self.rcp <= 1 << 31 && self.start < PROB_SCALE && self.cmpl < PROB_SCALE);
+        debug_assert!(self.rcp < 1 << 32 && self.start < PROB_SCALE && self.cmpl < PROB_SCALE);
         [
             self.rcp as u32,
             self.start | self.cmpl << 12 | (self.shift - 31) << 24,
