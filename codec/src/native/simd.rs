@@ -1,14 +1,16 @@
-//! The AVX2 coder of the 32 lanes. The decoder: four vectors of 8 lanes, one gather per vector and step
-//! for the slot entries, and the shared word sequence read with one 8-word load per vector,
-//! spread over the lanes that refill by a permutation chosen by the refill mask.
+//! The AVX2 coder of the 32 lanes, chosen at run time where the CPU has AVX2 and F16C.
 //!
-//! The encoder: one gather per vector for each half of the packed encoder symbols, the exact
-//! reciprocal division in 64-bit lanes, and the spilled words of a vector compressed to the
-//! top of 8 slots and stored below the write position.
+//! The decoder: four vectors of 8 lanes, one gather per vector and step for the slot entries,
+//! and the shared word sequence read with one 8-word load per vector, spread over the lanes
+//! that refill by a permutation chosen by the refill mask. It can also write the f16 values
+//! itself ([`F16Rows`]). The encoder: one gather per vector for each half of the packed encoder
+//! symbols, the exact reciprocal division in 64-bit lanes, and the spilled words of a vector
+//! compressed to the top of 8 slots and stored below the write position.
 //!
-//! They compute exactly what `lanes::decode` and `lanes::encode` compute (the tests in `native` compare them on
-//! valid and corrupt blocks). The only `unsafe` is the calls of intrinsics: the loads, the
-//! gather and the store are each justified where they happen.
+//! Both compute exactly what `lanes::decode` and `lanes::encode` compute (the tests in `native`
+//! compare them on valid and corrupt blocks, and `container::block`'s tests compare the f16
+//! output with the dequantizer's). The unsafe parts are the intrinsics' loads, gathers and
+//! stores, each justified where it happens.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
@@ -18,7 +20,7 @@ use crate::error::DecodeError;
 use crate::model::ModelSet;
 use crate::rans::{PROB_BITS, PROB_SCALE, RANS_L};
 
-/// Whether this CPU runs the AVX2 decoder.
+/// Whether this CPU runs the AVX2 coder.
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
 }
