@@ -6,7 +6,9 @@ use std::sync::OnceLock;
 
 use cudarc::driver::DevicePtr;
 
-use kvwire_codec::cuda::{available, DecodeKernel, DeviceKv, GpuCodec, GpuDecoder, GpuEncoder};
+use kvwire_codec::cuda::{
+    available, DecodeKernel, DeviceKv, GpuCodec, GpuDecoder, GpuEncoder, GpuStreamDecoder,
+};
 use kvwire_codec::{
     decode, encode, file, quant, DType, EncodeOptions, KvCache, KvShape, KvSpec, Layout, Level,
     Part,
@@ -339,4 +341,72 @@ fn corruption_and_bad_input_are_errors() {
     // Levels the GPU does not do are refused.
     let q8 = EncodeOptions::level(Level::Q8);
     assert!(GpuEncoder::new(codec, spec, &q8).is_err());
+}
+
+/// A receiver's path: the stream pushed layer by layer (in reverse order) decodes to the CPU's
+/// bits; a missing layer and a corrupt block are reported.
+#[test]
+fn streaming_decode_layer_by_layer() {
+    let Some(codec) = gpu("streaming_decode_layer_by_layer") else {
+        return;
+    };
+    let (spec, chunk) = specs()[0];
+    let kv = cache(spec, 21);
+    let opts = EncodeOptions {
+        level: Level::CgDefault,
+        chunk_tokens: chunk,
+        channel_scale_k: false,
+    };
+    let bytes = encode(&kv.view(), &opts).unwrap();
+    let want = decode(&bytes).unwrap();
+    let (dec, mut pos) = kvwire_codec::Decoder::new(&bytes).unwrap();
+    // Cut the stream into layers (blocks are layer-major).
+    let mut layers: Vec<&[u8]> = Vec::new();
+    let (mut start, mut cur) = (pos, None);
+    while pos < bytes.len() {
+        let (bh, _) = dec.block_header(&bytes[pos..]).unwrap();
+        if cur.is_some() && cur != Some(bh.layer) {
+            layers.push(&bytes[start..pos]);
+            start = pos;
+        }
+        cur = Some(bh.layer);
+        pos += bh.block_len();
+    }
+    layers.push(&bytes[start..]);
+    assert_eq!(layers.len(), spec.shape.layers);
+    let header = dec.header().clone();
+    let mut out = codec
+        .stream()
+        .alloc_zeros::<u16>(spec.byte_len() / 2)
+        .unwrap();
+    {
+        let mut sd = GpuStreamDecoder::new(codec, header.clone(), &mut out).unwrap();
+        for l in layers.iter().rev() {
+            sd.push(l).unwrap();
+        }
+        sd.finish().unwrap();
+    }
+    let got = download(codec, &out, spec);
+    assert!(got.bytes() == want.bytes());
+    // A layer that never comes.
+    let mut sd = GpuStreamDecoder::new(codec, header.clone(), &mut out).unwrap();
+    for l in &layers[1..] {
+        sd.push(l).unwrap();
+    }
+    assert!(sd.finish().is_err());
+    // A corrupt payload byte (found by the CRC check, at the next push or at the end).
+    let mut bad = layers[3].to_vec();
+    let n = bad.len();
+    bad[n / 2] ^= 1;
+    let mut sd = GpuStreamDecoder::new(codec, header.clone(), &mut out).unwrap();
+    let mut r = Ok(());
+    for (i, l) in layers.iter().enumerate() {
+        r = r.and(sd.push(if i == 3 { &bad } else { l }));
+    }
+    let end = sd.finish();
+    assert!(r.is_err() || end.is_err());
+    // A repeated layer is refused at once.
+    let mut sd = GpuStreamDecoder::new(codec, header, &mut out).unwrap();
+    sd.push(layers[0]).unwrap();
+    assert!(sd.push(layers[0]).is_err());
 }

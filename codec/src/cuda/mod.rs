@@ -31,7 +31,7 @@ use crate::model::{member, ModelSet, SCALES, SHAPES};
 use crate::rans::PROB_SCALE;
 use crate::{CodecError, DType, Header, KvSpec, Level};
 
-pub use decode::{DecodeKernel, GpuDecoder};
+pub use decode::{DecodeKernel, GpuDecoder, GpuStreamDecoder};
 pub use encode::{GpuEncoder, Staging};
 
 /// The CUDA C source of every kernel.
