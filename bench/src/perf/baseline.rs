@@ -43,8 +43,15 @@ pub(crate) fn reap(mut child: Child, limit: Duration) {
     let _ = child.wait();
 }
 
-/// Client: `iperf3 -c HOST -p PORT -l SIZE -t SECS -J`; bytes per second received.
-pub(crate) fn iperf3_client(host: &str, port: u16, size: u64, secs: u64) -> Result<f64> {
+/// Client: `iperf3 -c HOST -p PORT -l SIZE -P STREAMS -t SECS -J`; bytes per second received.
+/// `streams` is kvwire's data stream count (`-q`), so both move data over as many sockets.
+pub(crate) fn iperf3_client(
+    host: &str,
+    port: u16,
+    size: u64,
+    streams: u32,
+    secs: u64,
+) -> Result<f64> {
     let mut cmd = Command::new("iperf3");
     cmd.args([
         "-c",
@@ -53,6 +60,8 @@ pub(crate) fn iperf3_client(host: &str, port: u16, size: u64, secs: u64) -> Resu
         &port.to_string(),
         "-l",
         &size.max(1).to_string(),
+        "-P",
+        &streams.max(1).to_string(),
         "-t",
         &secs.max(1).to_string(),
         "-J",

@@ -472,7 +472,7 @@ fn client_baseline(
     }
     let secs = ex.duration.map_or(2, |d| d.ceil() as u64);
     let port = a.port.saturating_add(IPERF_PORT_OFFSET);
-    match baseline::iperf3_client(&addr.ip().to_string(), port, size, secs) {
+    match baseline::iperf3_client(&addr.ip().to_string(), port, size, u32::from(ex.qps), secs) {
         Ok(bps) => Ok(report::Baseline {
             tool: "iperf3".into(),
             average: Some(unit(bps)),
