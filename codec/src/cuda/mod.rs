@@ -514,7 +514,7 @@ mod tests {
             p
         };
         let data: Vec<u8> = (0..5000u32)
-            .map(|i| ((i * 2_654_435_761u32) >> 13) as u8)
+            .map(|i| (i.wrapping_mul(2_654_435_761u32) >> 13) as u8)
             .collect();
         for parts in [1usize, 7, 32, 256] {
             let r = data.len() as u64;
