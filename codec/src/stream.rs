@@ -343,6 +343,9 @@ impl Decoder {
     ///
     /// # Errors
     /// [`DecodeError`] for any corruption; [`CodecError::BufferTooSmall`] for a wrong buffer.
+    /// After an error the block's tokens in `layer_out` may hold partial output (a block that
+    /// passed its CRC but whose coded symbols are forged is found out while decoding, by then
+    /// written in place); the rest of the buffer is untouched.
     pub fn decode_block(&self, block: &[u8], layer_out: &mut [u8]) -> Result<BlockInfo> {
         let need = self.layer_spec().byte_len();
         if layer_out.len() != need {
