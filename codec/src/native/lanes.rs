@@ -24,7 +24,7 @@ pub(super) fn encode(
     let lanes = b.lanes();
     // At most one word per symbol, plus the states.
     let cap = residuals.len() + 2 * lanes;
-    words.clear();
+    // Stale contents are fine: every word from the first one returned up was written here.
     words.resize(cap, 0);
     let mut pos = cap;
     let mut x = [RANS_L; LANES];

@@ -351,6 +351,7 @@ fn decode_impl(
     crate::scratch::with_words(|words| {
         // The words, then zeros a vector load past the last word may touch (a refill past the
         // end reads 0; the loops stop a stream that reads past its words).
+        words.clear();
         words.resize(count + lanes::WORD_PAD, 0);
         bytemuck::cast_slice_mut(&mut words[..count]).copy_from_slice(wb);
         for x in &mut words[..count] {
@@ -468,6 +469,32 @@ mod tests {
                     assert_eq!(back, syms, "{kernel:?} channels {channels} n {n}");
                 }
             }
+        }
+    }
+
+    /// Scratch buffers are reused without zeroing: nothing of an earlier block may leak into
+    /// a later one's bytes.
+    #[test]
+    fn output_does_not_depend_on_earlier_blocks() {
+        let mut seed = 5;
+        let big = BlockSymbols {
+            n: 200,
+            channels: 96,
+            widths: [30, 14],
+        };
+        let small = BlockSymbols {
+            n: 17,
+            channels: 40,
+            widths: [14, 10],
+        };
+        let (a, b) = (test_symbols(small, &mut seed), test_symbols(big, &mut seed));
+        for kernel in [Kernel::Best, Kernel::Scalar] {
+            let mut first = Vec::new();
+            encode_symbols_with(&a, small, &mut first, kernel);
+            encode_symbols_with(&b, big, &mut Vec::new(), kernel);
+            let mut again = Vec::new();
+            encode_symbols_with(&a, small, &mut again, kernel);
+            assert!(first == again, "{kernel:?}");
         }
     }
 

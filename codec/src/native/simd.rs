@@ -295,7 +295,7 @@ pub(super) fn encode(
     // At most one word per symbol, plus the states, plus 8 words of slack below: a spill
     // store writes the 8 words below the write position.
     let cap = residuals.len() + 2 * lanes + 8;
-    words.clear();
+    // Stale contents are fine: every word from the first one returned up was written here.
     words.resize(cap, 0);
     // SAFETY: AVX2 is present (checked above); the memory accesses are justified inside
     // from `words.len() == cap` and `residuals.len() == b.len()`.
