@@ -11,7 +11,7 @@
 //! (Gauss), with `c ∈ {0, 1/2}`, integrated over the unit bins of the residuals
 //! `-half_width ..= half_width`, normalized to [`PROB_SCALE`] with every residual at least 1.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use crate::rans::{push_dec_slots, DecSlot, EncSymbol, PROB_SCALE};
 
@@ -183,12 +183,10 @@ impl ModelSet {
 
     /// The shared model set of `half_width`, built on first use.
     pub fn get(half_width: u32) -> Arc<Self> {
-        static SETS: OnceLock<Mutex<Vec<Option<Arc<ModelSet>>>>> = OnceLock::new();
-        let sets = SETS.get_or_init(|| Mutex::new(vec![None; 64]));
-        // A poisoned lock only means another thread panicked while building; the Vec is valid.
-        let mut g = sets.lock().unwrap_or_else(|e| e.into_inner());
-        g[half_width as usize]
-            .get_or_insert_with(|| Arc::new(Self::build(half_width)))
+        // One cell per width: building one width (tens of ms) never holds up users of another.
+        static SETS: [OnceLock<Arc<ModelSet>>; 64] = [const { OnceLock::new() }; 64];
+        SETS[half_width as usize]
+            .get_or_init(|| Arc::new(Self::build(half_width)))
             .clone()
     }
 }

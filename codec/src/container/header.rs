@@ -67,6 +67,23 @@ impl Header {
         )
     }
 
+    /// Builds the native coder's model tables this header's bins need, if not built yet (they
+    /// are built once per process and bin count, on first use, which takes tens of
+    /// milliseconds per bin count: an encoder or decoder that times its first block, or must
+    /// not stall on it, calls this first). Nothing to do for the other levels.
+    pub fn prepare_models(&self) {
+        if !matches!(self.level, Level::CgHigh | Level::CgDefault | Level::CgLow) {
+            return;
+        }
+        let mut seen = [false; 64];
+        for &b in self.bins_k.iter().chain(&self.bins_v) {
+            let w = crate::quant::alphabet(bins_of_byte(b)) - 1;
+            if (1..64).contains(&w) && !std::mem::replace(&mut seen[w as usize], true) {
+                crate::model::ModelSet::get(w);
+            }
+        }
+    }
+
     /// Appends the header to `out`.
     pub fn write(&self, out: &mut Vec<u8>) {
         let start = out.len();

@@ -179,7 +179,14 @@ impl KvSender<'_> {
         if let Some(live) = &mut self.lock().live {
             let r = encoded as f64 / live.block_bytes.max(1.0);
             let slot = &mut live.ratios[index];
+            let first = slot.is_none();
             *slot = Some(slot.map_or(r, |old| old + 0.2 * (r - old)));
+            // A level's first block may have built the coder's model tables (tens of ms, once
+            // per process): timing it would make the level look several times slower than it
+            // is, and the policy would shun it. Its speed is left to the calibration.
+            if first {
+                return;
+            }
             let speed = live.block_bytes / took.as_secs_f64().max(1e-9);
             let slot = &mut live.encode_seen[index];
             *slot = Some(slot.map_or(speed, |old| old + 0.2 * (speed - old)));
