@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The cache is synthetic from real statistics, as `kvwire perf kv --synthetic llama-3-8b`
-//! makes it (bench/src/perf/synthetic.rs): per (layer, K/V, channel) mean and scale and a
+//! makes it (`kvwire_codec::synthetic`): per (layer, K/V, channel) mean and scale and a
 //! per-(layer, K/V) lag-1 correlation measured on the embedded real SmolLM2 cache, reproduced
 //! by an AR(1) process per channel; planes are generated in parallel, each with its own seed.
 //! Times are CUDA-event medians over `--iters` runs after two warm-ups (NVRTC compile and first
@@ -40,9 +40,9 @@ mod bench {
     use kvwire_codec::cuda::{
         available, DecodeKernel, DeviceKv, GpuCodec, GpuDecoder, GpuEncoder, GpuStreamDecoder,
     };
+    use kvwire_codec::synthetic::{plane_stats, PlaneStats, SplitMix64};
     use kvwire_codec::{
         decode, encode, file, quant, DType, EncodeOptions, KvCache, KvShape, KvSpec, Layout, Level,
-        Part,
     };
     use rayon::prelude::*;
 
@@ -112,75 +112,14 @@ mod bench {
         Ok(a)
     }
 
-    /// Per (layer, part) of the sample: channel means and scales, lag-1 correlation.
-    struct Plane {
-        mean: Vec<f32>,
-        scale: Vec<f32>,
-        rho: f32,
-    }
-
-    /// The statistics of the real sample (as bench/src/perf/synthetic.rs computes them).
-    fn sample_stats(path: &str) -> R<(KvShape, Vec<Plane>)> {
+    /// The statistics of the real sample (`kvwire_codec::synthetic`, as `kvwire perf` uses).
+    fn sample_stats(path: &str) -> R<(KvShape, Vec<PlaneStats>)> {
         let kv = file::load(path)?.cache;
-        let view = kv.view();
-        let shape = kv.spec().shape;
-        let (tn, cn) = (shape.tokens, shape.channels());
-        let mut planes = Vec::new();
-        let mut col = vec![0f32; tn];
-        for layer in 0..shape.layers {
-            for part in Part::BOTH {
-                let (mut mean, mut scale) = (vec![0f32; cn], vec![0f32; cn]);
-                let (mut num, mut den) = (0f64, 0f64);
-                for c in 0..cn {
-                    for (t, x) in col.iter_mut().enumerate() {
-                        *x = view.get(layer, part, t, c);
-                    }
-                    let m = col.iter().map(|&x| f64::from(x)).sum::<f64>() / tn as f64;
-                    let var =
-                        col.iter().map(|&x| (f64::from(x) - m).powi(2)).sum::<f64>() / tn as f64;
-                    mean[c] = m as f32;
-                    scale[c] = var.sqrt() as f32;
-                    for w in col.windows(2) {
-                        num += (f64::from(w[0]) - m) * (f64::from(w[1]) - m);
-                    }
-                    den += var * tn as f64;
-                }
-                let rho = if den > 0.0 {
-                    (num / den).clamp(0.0, 0.99)
-                } else {
-                    0.0
-                };
-                planes.push(Plane {
-                    mean,
-                    scale,
-                    rho: rho as f32,
-                });
-            }
-        }
-        Ok((shape, planes))
-    }
-
-    /// splitmix64 and Box-Muller, as the perf generator.
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn unit(&mut self) -> f64 {
-            ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-        }
-        fn normal(&mut self) -> f32 {
-            let r = (-2.0 * self.unit().ln()).sqrt();
-            (r * (std::f64::consts::TAU * self.unit()).cos()) as f32
-        }
+        Ok(plane_stats(&kv.view()))
     }
 
     /// A synthetic fp16 cache (HF layout) of `spec`, one AR(1) process per channel.
-    fn synthetic(spec: KvSpec, src: KvShape, stats: &[Plane], seed: u64) -> Vec<u16> {
+    fn synthetic(spec: KvSpec, src: KvShape, stats: &[PlaneStats], seed: u64) -> Vec<u16> {
         let s = spec.shape;
         let (tn, dn) = (s.tokens, s.head_dim);
         let mut data = vec![0u16; s.elements()];
@@ -191,11 +130,11 @@ mod bench {
                 let (layer, part) = ((plane / s.kv_heads) / 2, (plane / s.kv_heads) % 2);
                 let st = &stats[(layer * src.layers / s.layers) * 2 + part];
                 let mut rng =
-                    Rng(seed ^ 0x6b76_7769_7265 ^ (plane as u64).wrapping_mul(0x9e37_79b9));
+                    SplitMix64(seed ^ 0x6b76_7769_7265 ^ (plane as u64).wrapping_mul(0x9e37_79b9));
                 let mut state = vec![0f32; dn];
                 for t in 0..tn {
                     for d in 0..dn {
-                        let e = rng.normal();
+                        let e = rng.normal_pair().0;
                         let z = if t == 0 {
                             e
                         } else {

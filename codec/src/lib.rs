@@ -47,6 +47,7 @@ pub mod quant;
 pub mod rans;
 mod scratch;
 mod stream;
+pub mod synthetic;
 
 pub use container::{BlockHeader, Header, FORMAT_VERSION};
 pub use dtype::DType;

@@ -5,7 +5,8 @@
 //! uniform noise would (which no entropy coder can shrink).
 
 use anyhow::{bail, Context, Result};
-use kvwire_codec::{file, DType, KvCache, KvShape, KvSpec, Layout, Part};
+use kvwire_codec::synthetic::{plane_stats, PlaneStats, SplitMix64};
+use kvwire_codec::{file, DType, KvCache, KvShape, KvSpec, Layout};
 
 /// The real cache the statistics come from.
 const SAMPLE: &[u8] = include_bytes!("../../../codec/testdata/smollm2-pydoc-256.safetensors");
@@ -70,77 +71,9 @@ impl ModelShape {
     }
 }
 
-/// Statistics of one (layer, part) plane of the sample.
-struct PlaneStats {
-    mean: Vec<f32>,
-    scale: Vec<f32>,
-    /// Lag-1 autocorrelation over tokens of the standardized values, averaged over channels.
-    rho: f32,
-}
-
 fn sample_stats() -> Result<(KvShape, Vec<PlaneStats>)> {
     let kv = file::read_safetensors(SAMPLE).context("reading the embedded sample")?;
-    let view = kv.cache.view();
-    let shape = kv.cache.spec().shape;
-    let (t_n, c_n) = (shape.tokens, shape.channels());
-    let mut planes = Vec::with_capacity(shape.layers * 2);
-    let mut col = vec![0f32; t_n];
-    for layer in 0..shape.layers {
-        for part in [Part::K, Part::V] {
-            let mut mean = vec![0f32; c_n];
-            let mut scale = vec![0f32; c_n];
-            let (mut num, mut den) = (0f64, 0f64);
-            for c in 0..c_n {
-                for (t, x) in col.iter_mut().enumerate() {
-                    *x = view.get(layer, part, t, c);
-                }
-                let m = col.iter().map(|&x| f64::from(x)).sum::<f64>() / t_n as f64;
-                let var = col.iter().map(|&x| (f64::from(x) - m).powi(2)).sum::<f64>() / t_n as f64;
-                mean[c] = m as f32;
-                scale[c] = var.sqrt() as f32;
-                for w in col.windows(2) {
-                    num += (f64::from(w[0]) - m) * (f64::from(w[1]) - m);
-                }
-                den += var * t_n as f64;
-            }
-            let rho = if den > 0.0 {
-                (num / den).clamp(0.0, 0.99)
-            } else {
-                0.0
-            };
-            planes.push(PlaneStats {
-                mean,
-                scale,
-                rho: rho as f32,
-            });
-        }
-    }
-    Ok((shape, planes))
-}
-
-/// splitmix64: small, fast, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Two standard normal samples (Box-Muller).
-    fn normal_pair(&mut self) -> (f32, f32) {
-        let r = (-2.0 * self.unit().ln()).sqrt();
-        let a = std::f64::consts::TAU * self.unit();
-        ((r * a.cos()) as f32, (r * a.sin()) as f32)
-    }
+    Ok(plane_stats(&kv.cache.view()))
 }
 
 /// A cache of `model`'s shape with `tokens` tokens (fp16, HF layout).
@@ -153,12 +86,12 @@ pub(crate) fn generate(model: ModelShape, tokens: usize, seed: u64) -> Result<Kv
         dtype: DType::F16,
     };
     shape.validate().context("synthetic shape")?;
-    let mut rng = Rng(seed ^ 0x6b76_7769_7265);
+    let mut rng = SplitMix64(seed ^ 0x6b76_7769_7265);
     let d_n = model.head_dim;
     // AR(1) state of the current (layer, part, head), one per head dim.
     let mut state = vec![0f32; d_n];
     let mut spare: Option<f32> = None;
-    let mut normal = move |rng: &mut Rng| -> f32 {
+    let mut normal = move |rng: &mut SplitMix64| -> f32 {
         if let Some(x) = spare.take() {
             return x;
         }
