@@ -55,5 +55,5 @@ pub use error::{CodecError, DecodeError, Result};
 pub use layout::{KvCache, KvShape, KvSpec, KvView, Layout, Part, RowRuns};
 pub use level::Level;
 pub use stream::{
-    decode, encode, BlockInfo, Decoder, EncodeOptions, Encoder, DEFAULT_CHUNK_TOKENS,
+    decode, encode, index_blocks, BlockInfo, Decoder, EncodeOptions, Encoder, DEFAULT_CHUNK_TOKENS,
 };

@@ -474,11 +474,16 @@ pub fn encode(view: &KvView<'_>, opts: &EncodeOptions) -> Result<Vec<u8>> {
     Encoder::new(*view.spec(), opts)?.encode(view)
 }
 
-/// Decodes a whole file: every block must be present exactly once; layers decode in parallel.
+/// Checks a whole file's framing before anything is decoded (cheap: headers only, so nothing
+/// is decoded from a file that turns out to be incomplete): the header, the input length
+/// against `Header::min_encoded_len`, every block header, each (layer, chunk) present exactly
+/// once, nothing trailing. Returns the decoder and each block's byte offset, layer-major
+/// (block (`l`, `c`) at index `l · chunks + c`).
 ///
 /// # Errors
-/// [`DecodeError`] for any corruption, truncation, missing, repeated or trailing data.
-pub fn decode(buf: &[u8]) -> Result<KvCache> {
+/// [`DecodeError`] for a bad header, truncation, a block outside the shape, a repeated or
+/// missing block.
+pub fn index_blocks(buf: &[u8]) -> Result<(Decoder, Vec<usize>)> {
     let (dec, mut pos) = Decoder::new(buf)?;
     let h = dec.header();
     if (buf.len() as u64) < h.min_encoded_len() {
@@ -489,10 +494,7 @@ pub fn decode(buf: &[u8]) -> Result<KvCache> {
         .into());
     }
     let chunks = h.chunks();
-    let layers = h.spec.shape.layers;
-    // Index the blocks first (cheap: headers only) so that nothing is decoded from a file
-    // that turns out to be incomplete.
-    let mut at: Vec<Option<usize>> = vec![None; layers * chunks];
+    let mut at: Vec<Option<usize>> = vec![None; h.spec.shape.layers * chunks];
     while pos < buf.len() {
         let (bh, chunk) = dec.block_header(&buf[pos..])?;
         let slot = &mut at[bh.layer as usize * chunks + chunk];
@@ -522,6 +524,18 @@ pub fn decode(buf: &[u8]) -> Result<KvCache> {
         }
         .into());
     }
+    let at = at.into_iter().flatten().collect();
+    Ok((dec, at))
+}
+
+/// Decodes a whole file: every block must be present exactly once; layers decode in parallel.
+///
+/// # Errors
+/// [`DecodeError`] for any corruption, truncation, missing, repeated or trailing data.
+pub fn decode(buf: &[u8]) -> Result<KvCache> {
+    let (dec, at) = index_blocks(buf)?;
+    let h = dec.header();
+    let chunks = h.chunks();
     let mut cache = KvCache::try_zeroed(h.spec)?;
     let layer_bytes = dec.layer_spec().byte_len();
     cache
@@ -529,7 +543,7 @@ pub fn decode(buf: &[u8]) -> Result<KvCache> {
         .par_chunks_mut(layer_bytes)
         .enumerate()
         .try_for_each(|(l, out)| -> Result<()> {
-            for &p in at[l * chunks..(l + 1) * chunks].iter().flatten() {
+            for &p in &at[l * chunks..(l + 1) * chunks] {
                 dec.decode_block(&buf[p..], out)?;
             }
             Ok(())

@@ -68,49 +68,11 @@ impl<'a> GpuDecoder<'a> {
     /// [`CodecError::Unsupported`] for a stream the GPU decoder does not handle (a level other
     /// than the native ones, a dtype other than f16, channel scales); driver failures.
     pub fn new(codec: &'a GpuCodec, buf: &[u8]) -> GpuResult<Self> {
-        let (dec, mut pos) = Decoder::new(buf)?;
+        let (dec, _) = Decoder::new(buf)?;
+        check_supported(dec.header())?;
+        let (dec, offsets) = crate::index_blocks(buf)?;
         let h = dec.header().clone();
-        check_supported(&h)?;
-        if (buf.len() as u64) < h.min_encoded_len() {
-            return Err(DecodeError::Truncated {
-                offset: buf.len(),
-                needed: (h.min_encoded_len() - buf.len() as u64) as usize,
-            }
-            .into());
-        }
-        let chunks = h.chunks();
-        let mut seen = vec![false; h.spec.shape.layers * chunks];
-        let mut offsets = Vec::with_capacity(seen.len());
-        while pos < buf.len() {
-            let (bh, chunk) = dec.block_header(&buf[pos..])?;
-            let slot = &mut seen[bh.layer as usize * chunks + chunk];
-            if *slot {
-                return Err(DecodeError::BlockOutOfRange {
-                    layer: bh.layer,
-                    token_start: bh.token_start,
-                    tokens: bh.tokens,
-                }
-                .into());
-            }
-            if buf.len() - pos < bh.block_len() {
-                return Err(DecodeError::Truncated {
-                    offset: buf.len(),
-                    needed: bh.block_len() - (buf.len() - pos),
-                }
-                .into());
-            }
-            *slot = true;
-            offsets.push(pos as u64);
-            pos += bh.block_len();
-        }
-        let missing = seen.iter().filter(|s| !**s).count();
-        if missing > 0 {
-            return Err(DecodeError::MissingBlocks {
-                missing,
-                expected: seen.len(),
-            }
-            .into());
-        }
+        let offsets: Vec<u64> = offsets.into_iter().map(|o| o as u64).collect();
         let tables = codec.tables(&h)?;
         let (bins, set_of) = layer_arrays(&h, &tables);
         let stream = &codec.stream;

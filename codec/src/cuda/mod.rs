@@ -39,15 +39,14 @@ const SOURCE: &str = include_str!("kernels.cu");
 
 /// Members of one model set: shapes × scales × two centre offsets.
 const MEMBERS: usize = SHAPES * SCALES * 2;
-/// Residual slots per member in the encoder and cost tables (kernels.cu `MAXR`; at most
-/// `2·62 + 1` are used).
-const MAX_RESIDUALS: usize = 128;
-/// rANS lanes per block (format version 2).
-const LANES: usize = 32;
+// Residual slots per member in the encoder and cost tables (kernels.cu `MAXR`).
+use crate::model::MAX_RESIDUALS;
+// rANS lanes per block (format version 2).
+use crate::native::LANES;
 
-/// Bytes of a block's model section: 17 bits per stream, `2C` streams.
+/// Bytes of a block's model section for `channels` channels per part (`2C` streams).
 const fn models_len(channels: usize) -> usize {
-    (2 * channels * 17).div_ceil(8)
+    crate::native::models_len(2 * channels)
 }
 
 /// Why a GPU call failed.
