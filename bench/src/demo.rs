@@ -89,7 +89,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
             let original = view.to_layout(spec.layout);
             (0..total)
                 .map(|_| {
-                    let (got, _) = KvReceiver::accept(&rx, &slots, &ro)
+                    let (got, _) = KvReceiver::accept_whole(&rx, &slots, &ro)
                         .and_then(KvReceiver::recv_all)
                         .context("receiving")?;
                     if got.spec() != original.spec() {

@@ -326,7 +326,7 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
         timeout: a.link.timeout()?,
         ..RecvOptions::default()
     };
-    let rx = KvReceiver::accept(&conn, &slots, &opts).context("starting the transfer")?;
+    let rx = KvReceiver::accept_whole(&conn, &slots, &opts).context("starting the transfer")?;
     let levels = rx.levels();
     let level = if levels.len() == 1 {
         levels[0].to_string()

@@ -8,7 +8,7 @@ use kvwire_codec::{EncodeOptions, KvCache, Layout, Level};
 use kvwire_tests::{check_within_bound, fixture, fixture_head, layer_cache};
 use kvwire_transport::session::msg::{BlockImm, SessionMsg};
 use kvwire_transport::session::{
-    send_kv, KvReceiver, KvSender, RecvOptions, RecvSlots, SendOptions,
+    recv_kv, send_kv, KvReceiver, KvSender, RecvOptions, RecvSlots, SendOptions,
 };
 use kvwire_transport::{
     Connection, Endpoint, EndpointConfig, Event, FabricKind, SendBuf, TransportError,
@@ -54,11 +54,21 @@ fn recv_opts() -> RecvOptions {
     }
 }
 
-/// Sends `kv` on one thread, receives on this one; returns what arrived.
+/// Sends `kv` on one thread, receives it whole on this one; returns what arrived.
 fn transfer(l: &Link, kv: &KvCache, o: &SendOptions) -> KvCache {
+    transfer_as(l, kv, o, true)
+}
+
+/// As [`transfer`]; `whole`: decoded straight into one cache ([`recv_kv`]), else layer by
+/// layer into per-layer buffers copied into a cache ([`KvReceiver::accept`], `recv_all`).
+fn transfer_as(l: &Link, kv: &KvCache, o: &SendOptions, whole: bool) -> KvCache {
     std::thread::scope(|s| {
         let sender = s.spawn(|| send_kv(&l.tx, &kv.view(), o));
-        let got = KvReceiver::accept(&l.rx, &l.slots, &recv_opts()).and_then(KvReceiver::recv_all);
+        let got = if whole {
+            recv_kv(&l.rx, &l.slots, &recv_opts())
+        } else {
+            KvReceiver::accept(&l.rx, &l.slots, &recv_opts()).and_then(KvReceiver::recv_all)
+        };
         let sent = sender.join().unwrap();
         let ((got, stats), sent) = match (got, sent) {
             (Ok(g), Ok(s)) => (g, s),
@@ -78,16 +88,16 @@ fn every_level_arrives_within_its_bound_over_both_fabrics() {
     let kv = fixture_head(6);
     for fabric in FABRICS {
         let l = link(config(fabric), 8, 1 << 20);
-        for level in Level::ALL {
+        for (level, whole) in Level::ALL.into_iter().flat_map(|l| [(l, true), (l, false)]) {
             let o = opts(level, 64);
-            let got = transfer(&l, &kv, &o);
+            let got = transfer_as(&l, &kv, &o, whole);
             if let Err(m) = check_within_bound(&kv.view(), &got, &o.encode) {
-                panic!("{fabric:?} {level:?}: {m}");
+                panic!("{fabric:?} {level:?} (whole: {whole}): {m}");
             }
             if level == Level::Raw {
                 assert!(
                     got.bytes() == kv.bytes(),
-                    "{fabric:?}: raw must be bit-exact"
+                    "{fabric:?} (whole: {whole}): raw must be bit-exact"
                 );
             }
         }
@@ -106,7 +116,9 @@ fn the_whole_fixture_in_vllm_layout_arrives() {
 #[test]
 fn layers_pushed_one_at_a_time_come_out_in_order() {
     let kv = fixture_head(8);
-    for fabric in FABRICS {
+    // Both receivers hand layers out in order: per-layer buffers, and copies out of the
+    // cache a whole receiver decodes into.
+    for (fabric, whole) in FABRICS.into_iter().flat_map(|f| [(f, false), (f, true)]) {
         let l = link(config(fabric), 4, 1 << 20);
         let o = opts(Level::Raw, 32);
         std::thread::scope(|s| {
@@ -117,7 +129,11 @@ fn layers_pushed_one_at_a_time_come_out_in_order() {
                 }
                 tx.finish()
             });
-            let mut r = KvReceiver::accept(&l.rx, &l.slots, &recv_opts()).unwrap();
+            let mut r = if whole {
+                KvReceiver::accept_whole(&l.rx, &l.slots, &recv_opts()).unwrap()
+            } else {
+                KvReceiver::accept(&l.rx, &l.slots, &recv_opts()).unwrap()
+            };
             let es = kv.spec().dtype.size();
             let mut expect = 0;
             while let Some((layer, bytes)) = r.next_layer().unwrap() {
@@ -125,7 +141,7 @@ fn layers_pushed_one_at_a_time_come_out_in_order() {
                 let range = kv.spec().layer_range(layer);
                 assert!(
                     bytes == kv.bytes()[range.start * es..range.end * es],
-                    "{fabric:?} layer {layer}"
+                    "{fabric:?} (whole: {whole}) layer {layer}"
                 );
                 expect += 1;
             }

@@ -1,5 +1,5 @@
-//! Every `unsafe` of the crate: copies to and from mapped region memory and the socket
-//! syscalls that read into / write from it.
+//! Every `unsafe` of the crate: copies to and from mapped region memory, the socket
+//! syscalls that read into / write from it, and the zeroed allocation of received caches.
 //!
 //! Region memory is treated like memory a NIC can DMA into: it is shared with the kernel
 //! (socket I/O lands there directly) and, for the shared-memory fabric, with another
@@ -147,6 +147,40 @@ impl<'a> RawSpan<'a> {
         }
         Ok(())
     }
+}
+
+/// `len` zero bytes in a `Vec`, fallibly, from the allocator's zeroed path: a large request is
+/// a fresh anonymous mapping the kernel zeroes on first touch, so nothing is written now. Where
+/// the kernel grants transparent huge pages on request (`madvise` mode), the 2 MiB-aligned
+/// interior is advised to use them, so that filling it costs one fault per 2 MiB rather than
+/// per 4 KiB. `None` if the memory is not available.
+pub(crate) fn zeroed_vec(len: usize) -> Option<Vec<u8>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: `layout` has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (ptr as usize).next_multiple_of(HUGE);
+        let end = (ptr as usize + len) & !(HUGE - 1);
+        if end > start {
+            // SAFETY: `start..end` lies inside the allocation just made; the advice changes
+            // how the kernel backs those pages, never their contents (they stay zero), and a
+            // failure (no THP support) is harmless and ignored.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of a `Vec<u8>` of
+    // capacity `len` (size `len`, align 1), and all `len` bytes are initialized (zero).
+    Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
 /// The bytes a `read`/`writev` returning `n` moved: `None` to retry (interrupted), an error

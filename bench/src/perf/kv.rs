@@ -126,7 +126,7 @@ pub(crate) fn server(
             timeout,
             ..RecvOptions::default()
         };
-        let rx = KvReceiver::accept(&conn, slots, &opts)
+        let rx = KvReceiver::accept_whole(&conn, slots, &opts)
             .with_context(|| format!("starting the transfer at level {level}"))?;
         let got = rx.levels();
         if choice.is_some_and(|l| got != [l]) || got.is_empty() {

@@ -9,5 +9,5 @@ pub mod msg;
 mod recv;
 mod send;
 
-pub use recv::{KvReceiver, RecvOptions, RecvSlots, RecvStats};
+pub use recv::{recv_kv, KvReceiver, RecvOptions, RecvSlots, RecvStats};
 pub use send::{send_kv, KvSender, SendOptions, SendStats};

@@ -1,7 +1,7 @@
 //! The receiving side: a driver thread turns notifications into decode jobs; decode
-//! threads copy each block out of its slot, decode it into a chunk buffer, give the slot
-//! back to the sender and place the chunk into its layer; finished layers come out in
-//! order.
+//! threads copy each block out of its slot, give the slot back to the sender, decode it into
+//! a chunk buffer and place the chunk into its layer; finished layers come out in order
+//! ([`KvReceiver::next_layer`]), or every chunk goes straight into one cache ([`recv_kv`]).
 
 mod worker;
 
@@ -108,6 +108,13 @@ struct LayerState {
 
 struct Shared {
     conn: Connection,
+    /// Whether chunks go into `cache` rather than per-layer buffers ([`recv_kv`]).
+    collect: bool,
+    /// With `collect`: the cache every chunk is placed into, until [`recv_kv`] takes it.
+    cache: Mutex<Option<KvCache>>,
+    /// This transfer's cut of the receive region: bytes per slot and slots.
+    slot_size: u64,
+    slot_count: u16,
     /// One decoder per level of the transfer (`Begin`: one).
     decoders: Vec<Decoder>,
     /// Whether each block starts with its level's index (`BeginLevels`).
@@ -159,12 +166,34 @@ pub struct KvReceiver {
 
 impl KvReceiver {
     /// Waits for the sender's `Begin`, checks the announced cache against the limits, and
-    /// offers the slots; decoding starts in the background.
+    /// offers the slots; decoding starts in the background and each layer is handed out,
+    /// in order, by [`Self::next_layer`].
     ///
     /// # Errors
     /// Nothing announced within the timeout; a bad codec header; a cache larger than
     /// `max_kv_bytes`; a failed connection.
     pub fn accept(conn: &Connection, slots: &RecvSlots, opts: &RecvOptions) -> Result<Self> {
+        Self::start(conn, slots, opts, false)
+    }
+
+    /// As [`Self::accept`], for a receiver that wants the whole cache: it is allocated at
+    /// the start and the decoders place every chunk straight into it, so that
+    /// [`Self::recv_all`] hands it over without copying ([`Self::next_layer`] still works,
+    /// copying each layer out).
+    ///
+    /// # Errors
+    /// As [`Self::accept`]; the cache cannot be allocated.
+    pub fn accept_whole(conn: &Connection, slots: &RecvSlots, opts: &RecvOptions) -> Result<Self> {
+        Self::start(conn, slots, opts, true)
+    }
+
+    /// `accept` (`collect` false) or `accept_whole` (true).
+    fn start(
+        conn: &Connection,
+        slots: &RecvSlots,
+        opts: &RecvOptions,
+        collect: bool,
+    ) -> Result<Self> {
         let (headers, levels_on_wire) = loop {
             match conn.poll(opts.timeout)? {
                 Some(Event::Message(m)) => match SessionMsg::from_bytes(&m)? {
@@ -241,6 +270,23 @@ impl KvReceiver {
         }
         let chunks = decoder.header().chunks();
         let total = spec.shape.layers * chunks;
+        let (slot_size, slot_count) = slot_layout(
+            slots.slot_size,
+            slots.slots,
+            decoder.chunk_spec(0).byte_len() as u64,
+        );
+        let cache = if collect {
+            let bytes = spec.byte_len();
+            let data = crate::raw::zeroed_vec(bytes).ok_or_else(|| {
+                refuse(
+                    conn,
+                    TransportError::Invalid(format!("cannot allocate a {bytes}-byte cache")),
+                )
+            })?;
+            Some(KvCache::from_bytes(spec, data)?)
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         let threads = match opts.threads {
@@ -250,20 +296,24 @@ impl KvReceiver {
         let ready = if levels_on_wire {
             SessionMsg::ReadyRates {
                 region: slots.region.0,
-                slot_size: slots.slot_size,
-                slots: slots.slots,
+                slot_size,
+                slots: slot_count,
                 host: crate::policy::calib::host_id(),
                 decode_rates: decode_rates(&decoders, threads),
             }
         } else {
             SessionMsg::Ready {
                 region: slots.region.0,
-                slot_size: slots.slot_size,
-                slots: slots.slots,
+                slot_size,
+                slots: slot_count,
             }
         };
         let shared = Arc::new(Shared {
             conn: conn.clone(),
+            collect,
+            cache: Mutex::new(cache),
+            slot_size,
+            slot_count,
             decoders,
             levels_on_wire,
             slots: slots.clone(),
@@ -280,7 +330,7 @@ impl KvReceiver {
         conn.send_msg(&ready.to_bytes())?;
         conn.send_msg(
             &SessionMsg::Grant {
-                slots: (0..slots.slots).collect(),
+                slots: (0..slot_count).collect(),
             }
             .to_bytes(),
         )?;
@@ -336,6 +386,24 @@ impl KvReceiver {
     /// A block failed (CRC, decode), the sender aborted or went silent, the connection
     /// failed.
     pub fn next_layer(&mut self) -> Result<Option<(usize, Vec<u8>)>> {
+        let Some((l, buf)) = self.next_finished()? else {
+            return Ok(None);
+        };
+        if !self.shared.collect {
+            return Ok(Some((l, buf)));
+        }
+        let cache = self.shared.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = cache
+            .as_ref()
+            .expect("taken only by recv_all, which consumes self");
+        let es = cache.spec().dtype.size();
+        let r = cache.spec().layer_range(l);
+        Ok(Some((l, cache.bytes()[r.start * es..r.end * es].to_vec())))
+    }
+
+    /// The next finished layer in order; with `collect` its bytes are in the cache and the
+    /// buffer is empty.
+    fn next_finished(&mut self) -> Result<Option<(usize, Vec<u8>)>> {
         let layers = self.shared.layers.len();
         if self.next >= layers {
             // The driver confirms the transfer and stops reading the connection; after
@@ -368,13 +436,31 @@ impl KvReceiver {
         }
     }
 
-    /// Receives every layer into one cache.
+    /// Receives every layer into one cache: after [`Self::accept_whole`] the cache the
+    /// decoders filled, after [`Self::accept`] a new one each layer is copied into.
     ///
     /// # Errors
     /// As [`Self::next_layer`]; the cache cannot be allocated.
     pub fn recv_all(mut self) -> Result<(KvCache, RecvStats)> {
+        if self.shared.collect {
+            while self.next_finished()?.is_some() {}
+            let stats = self.stats();
+            // Every layer came out, so the decoders are done with the cache.
+            let cache = self
+                .shared
+                .cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .expect("a collecting receiver's cache, taken once");
+            return Ok((cache, stats));
+        }
         let spec = self.spec();
-        let mut cache = KvCache::try_zeroed(spec)?;
+        let bytes = spec.byte_len();
+        let data = crate::raw::zeroed_vec(bytes).ok_or_else(|| {
+            TransportError::Invalid(format!("cannot allocate a {bytes}-byte cache"))
+        })?;
+        let mut cache = KvCache::from_bytes(spec, data)?;
         let es = spec.dtype.size();
         while let Some((l, buf)) = self.next_layer()? {
             let r = spec.layer_range(l);
@@ -415,6 +501,43 @@ impl Drop for KvReceiver {
     }
 }
 
+/// Receives one whole KV transfer ([`KvReceiver::accept_whole`], then
+/// [`KvReceiver::recv_all`]): every chunk is decoded straight into its place in the cache while
+/// later blocks are still on the wire. Returns once every block arrived, passed its CRC and
+/// decoded.
+///
+/// # Errors
+/// As [`KvReceiver::accept_whole`] and [`KvReceiver::recv_all`].
+pub fn recv_kv(
+    conn: &Connection,
+    slots: &RecvSlots,
+    opts: &RecvOptions,
+) -> Result<(KvCache, RecvStats)> {
+    KvReceiver::accept_whole(conn, slots, opts)?.recv_all()
+}
+
+/// Bytes a block of this transfer may take beyond its chunk's raw bytes: the block header,
+/// the level byte, a compressed level's models and scales.
+const BLOCK_OVERHEAD: u64 = 64 << 10;
+
+/// How a transfer whose largest raw chunk is `chunk_bytes` cuts a region registered as
+/// `slots` slots of `slot_size` bytes: into slots just large enough for the largest block
+/// the sender can make (the raw chunk plus overhead; compressed levels are smaller), so that
+/// as many blocks as fit can be in flight (at most [`MAX_SLOTS`]), which lets the sender run
+/// ahead while the decoders catch up; as registered when those slots are no larger (the
+/// sender then refuses a block that does not fit, with a message).
+fn slot_layout(slot_size: u64, slots: u16, chunk_bytes: u64) -> (u64, u16) {
+    let region = slot_size * u64::from(slots);
+    let need = chunk_bytes
+        .checked_add(BLOCK_OVERHEAD)
+        .and_then(|n| n.checked_next_multiple_of(4096));
+    let Some(need) = need.filter(|&n| n < slot_size) else {
+        return (slot_size, slots);
+    };
+    let count = (region / need).min(u64::from(MAX_SLOTS)) as u16;
+    (need, count)
+}
+
 fn refuse(conn: &Connection, e: TransportError) -> TransportError {
     let _ = conn.send_msg(
         &SessionMsg::Abort {
@@ -423,4 +546,30 @@ fn refuse(conn: &Connection, e: TransportError) -> TransportError {
         .to_bytes(),
     );
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_blocks_get_more_slots_of_the_same_region() {
+        // 16 x 4 MiB registered; 192 KiB chunks: 256 KiB slots, 256 of them (the cap).
+        assert_eq!(slot_layout(4 << 20, 16, 192 << 10), (256 << 10, 256));
+        // 4 x 1 MiB registered; 100-byte chunks: 68 KiB slots, 60 of them.
+        assert_eq!(slot_layout(1 << 20, 4, 100), (68 << 10, 60));
+        // The region never grows: every cut fits in it.
+        for (size, n, chunk) in [(1u64 << 20, 8u16, 5000u64), (3 << 20, 3, 1 << 20)] {
+            let (s, c) = slot_layout(size, n, chunk);
+            assert!(s * u64::from(c) <= size * u64::from(n));
+            assert!(s >= chunk + BLOCK_OVERHEAD);
+        }
+    }
+
+    #[test]
+    fn blocks_as_large_as_the_slots_keep_the_registered_cut() {
+        assert_eq!(slot_layout(1 << 20, 8, 1 << 20), (1 << 20, 8));
+        assert_eq!(slot_layout(1 << 20, 8, 2 << 20), (1 << 20, 8));
+        assert_eq!(slot_layout(1 << 20, 8, u64::MAX), (1 << 20, 8));
+    }
 }

@@ -22,7 +22,7 @@ pub(super) fn drive(
     all_decoded: &Receiver<()>,
     timeout: Duration,
 ) {
-    let mut granted = vec![true; usize::from(sh.slots.slots)];
+    let mut granted = vec![true; usize::from(sh.slot_count)];
     let mut last_activity = Instant::now();
     let mut landed = 0usize;
     loop {
@@ -124,13 +124,12 @@ fn check_notify(sh: &Shared, n: &Notification, granted: &mut [bool]) -> Result<(
             "a block write without an immediate".into(),
         ));
     };
-    let s = &sh.slots;
     let slot = usize::from(imm.slot);
-    let at = u64::from(imm.slot) * s.slot_size;
-    if n.region != s.region
+    let at = u64::from(imm.slot) * sh.slot_size;
+    if n.region != sh.slots.region
         || slot >= granted.len()
         || n.offset != at
-        || n.len > s.slot_size
+        || n.len > sh.slot_size
         || n.len == 0
     {
         return Err(TransportError::Protocol(format!(
@@ -263,12 +262,13 @@ fn decode_one(
     let finished = {
         let mut slot = sh.layers[layer].lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            let len = d.layer_spec().byte_len();
             let mut buf = Vec::new();
-            buf.try_reserve_exact(len).map_err(|_| {
-                TransportError::Invalid(format!("cannot allocate a {len}-byte layer"))
-            })?;
-            buf.resize(len, 0);
+            if !sh.collect {
+                let len = d.layer_spec().byte_len();
+                buf = crate::raw::zeroed_vec(len).ok_or_else(|| {
+                    TransportError::Invalid(format!("cannot allocate a {len}-byte layer"))
+                })?;
+            }
             let chunks = d.header().chunks();
             *slot = Some(LayerState {
                 buf,
@@ -282,7 +282,21 @@ fn decode_one(
                 "block (layer {layer}, chunk {chunk}) arrived twice"
             )));
         }
-        d.place_chunk(&info, chunk_buf, &mut st.buf)?;
+        if sh.collect {
+            let mut cache = sh.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let cache = cache.as_mut().ok_or_else(|| {
+                TransportError::Invalid("the received cache was already taken".into())
+            })?;
+            let es = cache.spec().dtype.size();
+            let r = cache.spec().layer_range(layer);
+            d.place_chunk(
+                &info,
+                chunk_buf,
+                &mut cache.bytes_mut()[r.start * es..r.end * es],
+            )?;
+        } else {
+            d.place_chunk(&info, chunk_buf, &mut st.buf)?;
+        }
         st.chunks_done[chunk] = true;
         st.remaining -= 1;
         if st.remaining == 0 {
