@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
 use crate::endpoint::{Connection, Endpoint, Listener};
 use crate::error::{Result, TransportError};
 use crate::meta::FabricKind;
@@ -198,6 +200,12 @@ struct Joining {
 
 type JoinTable = Arc<Mutex<HashMap<[u8; TICKET_LEN], Joining>>>;
 
+/// Longest the accept thread sleeps before it looks at its stop flag.
+const POLL_TICK: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 50_000_000,
+};
+
 pub(crate) fn listen(ep: Endpoint, addr: impl ToSocketAddrs) -> Result<Listener> {
     let l =
         TcpListener::bind(addr).map_err(|e| TransportError::io("binding the listen address", e))?;
@@ -222,7 +230,11 @@ pub(crate) fn listen(ep: Endpoint, addr: impl ToSocketAddrs) -> Result<Listener>
                             .spawn(move || serve(&ep, s, &tx, &joins));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5));
+                        // Sleeps until a peer connects (each stream of a connection is one
+                        // accept, so polling on a timer would delay every connection by up
+                        // to a tick per stream), or 50 ms to look at the stop flag.
+                        let mut fds = [PollFd::new(&l, PollFlags::IN)];
+                        let _ = poll(&mut fds, Some(&POLL_TICK));
                     }
                     Err(e) => {
                         tracing::warn!("accept failed: {e}");
