@@ -62,6 +62,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    init_logging();
     let r = match cli.cmd {
         Cmd::Codec(c) => codec_cmd::run(c),
         Cmd::Send(a) => wire_cmd::send(&a),
@@ -73,5 +74,21 @@ fn main() {
     if let Err(e) = r {
         eprintln!("kvwire: error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Sends the library's `tracing` events to stderr when `KVWIRE_LOG` holds a filter
+/// (`KVWIRE_LOG=debug`, `KVWIRE_LOG=kvwire_transport::session=debug`); silent otherwise.
+fn init_logging() {
+    let Ok(filter) = std::env::var("KVWIRE_LOG") else {
+        return;
+    };
+    match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(f) => tracing_subscriber::fmt()
+            .with_env_filter(f)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init(),
+        Err(e) => eprintln!("kvwire: warning: ignoring KVWIRE_LOG={filter:?}: {e}"),
     }
 }

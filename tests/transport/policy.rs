@@ -105,13 +105,15 @@ fn a_raw_floor_arrives_bit_exact_over_both_fabrics() {
 fn a_slow_paced_link_gets_compressed_blocks_within_their_bounds() {
     let kv = fixture_head(8);
     for fabric in FABRICS {
-        // 2 MB/s: the wire is the bottleneck at every level, even with a debug build's encoder.
-        let (got, s) = transfer(fabric, &kv, &auto(None, Some(2_000_000), None));
+        // 1 MB/s: the wire is the bottleneck at every level, even with a debug build's encoder
+        // sharing the cores with a parallel test (at 2 MB/s, cg-low's 0.12 bytes per input
+        // byte asked for 17 MB/s of encoding, which a loaded debug build sometimes missed).
+        let (got, s) = transfer(fabric, &kv, &auto(None, Some(1_000_000), None));
         let compressed =
             count(&s, Level::CgHigh) + count(&s, Level::CgDefault) + count(&s, Level::CgLow);
         assert!(compressed * 10 >= 32 * 8, "{fabric:?}: {}", s.counts());
         // The estimator saw the paced rate, not loopback's (far faster).
-        assert!(s.last_rate < 6_000_000, "{fabric:?}: {} B/s", s.last_rate);
+        assert!(s.last_rate < 3_000_000, "{fabric:?}: {} B/s", s.last_rate);
         // Each block is within its own level's bound, so within cg-low's, the loosest.
         check_within_bound(&kv.view(), &got, &EncodeOptions::level(Level::CgLow)).unwrap();
     }

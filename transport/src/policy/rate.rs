@@ -2,21 +2,34 @@
 //!
 //! A write is busy on the link from the moment it is handed to it (or starts waiting for the
 //! pacer) until its completion (the peer has it). The estimator sums the union of those
-//! intervals and the bytes completed in them, but only for writes that queued behind another
-//! one (or behind the pacer): a write posted to an idle link measures mostly the round trip
-//! and the scheduling of both ends, which on a loaded machine says nothing of the link's rate
-//! (when encoding is the bottleneck, every write finds the link idle and the rate cannot be
-//! seen; the last estimate stands). Each idle-to-busy transition that is counted pays one
-//! round trip, so a window's rate is bytes / (busy - periods x rtt). Windows of at
-//! least [`RateEstimator::WINDOW`] busy time feed an EWMA, so a rate that moves (another flow,
-//! a lowered `tc` rate) moves the estimate within a few windows.
+//! intervals and the bytes completed in them, but only for writes posted behind a backlog of
+//! at least [`BACKLOG`] bytes (or held by the pacer): a write that finds the link idle or
+//! nearly so completes at the pace of the round trip and of both ends' threads getting a
+//! core, which on a loaded machine says nothing of the link's rate (when encoding is the
+//! bottleneck the link never builds a backlog and the rate cannot be seen; the last estimate
+//! stands). Each idle-to-busy transition that is counted pays one
+//! round trip, so a window's rate is bytes / (busy - periods x rtt). The estimate is the
+//! median of the last [`RateEstimator::SAMPLES`] windows of at least [`RateEstimator::WINDOW`]
+//! busy time each: on a machine whose cores are busy, one window can catch the peer's reader
+//! thread waiting for a core (far below the link's rate) and the next a token bucket's burst
+//! (far above), and a median ignores both where an average moves with each. A rate that
+//! moves (another flow, a lowered `tc` rate) moves the estimate after half the windows.
+//! The connect-time probe's result stands only until the first window: a short probe
+//! measures a shaper's burst allowance as much as its rate.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// Bytes in flight behind which a write's completion paces with the link: a few blocks of
+/// a compressed level, well past what a round trip holds on a local link.
+pub const BACKLOG: u64 = 512 * 1024;
 
 /// Link-rate estimate of one path.
 #[derive(Debug, Clone)]
 pub struct RateEstimator {
     rate: Option<f64>,
+    /// The last window rates, newest last.
+    recent: VecDeque<f64>,
     rtt: Duration,
     covered_until: Option<Instant>,
     window_bytes: u64,
@@ -28,13 +41,14 @@ pub struct RateEstimator {
 impl RateEstimator {
     /// Busy time a window gathers before it becomes a sample.
     pub const WINDOW: Duration = Duration::from_millis(4);
-    /// Weight of a new sample in the average.
-    pub const ALPHA: f64 = 0.5;
+    /// Windows the estimate is the median of.
+    pub const SAMPLES: usize = 5;
 
     /// An estimator starting from `initial` bytes/s (`None`: nothing known yet).
     pub const fn new(initial: Option<f64>) -> Self {
         Self {
             rate: initial,
+            recent: VecDeque::new(),
             rtt: Duration::ZERO,
             covered_until: None,
             window_bytes: 0,
@@ -64,7 +78,7 @@ impl RateEstimator {
         self.samples
     }
 
-    /// Sets the estimate outright (a probe's result).
+    /// Sets the estimate outright (a probe's result), until the first window replaces it.
     pub fn set_rate(&mut self, rate: f64) {
         if rate.is_finite() && rate > 0.0 {
             self.rate = Some(rate);
@@ -101,9 +115,18 @@ impl RateEstimator {
                 .saturating_sub(latency)
                 .max(self.window_busy / 4);
             let sample = self.window_bytes as f64 / wire.as_secs_f64();
-            self.rate = Some(match self.rate {
-                Some(r) if self.samples > 0 => r + Self::ALPHA * (sample - r),
-                _ => sample,
+            if self.recent.len() == Self::SAMPLES {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(sample);
+            let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
+            sorted.sort_by(f64::total_cmp);
+            let n = sorted.len();
+            // The median; of an even count, the mean of the middle two.
+            self.rate = Some(if n % 2 == 1 {
+                sorted[n / 2]
+            } else {
+                (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
             });
             self.samples += 1;
             self.window_bytes = 0;
@@ -186,6 +209,31 @@ mod tests {
         }
         let r = e.rate().unwrap();
         assert!(r < 0.14e9, "{r}");
+    }
+
+    #[test]
+    fn one_stalled_window_and_one_burst_do_not_move_the_estimate() {
+        let mut e = RateEstimator::new(None);
+        let mut t = Instant::now();
+        // 1 MB per 8 ms (0.125 GB/s), one window each; the third is stalled (4x longer), the
+        // fifth a burst (4x shorter).
+        for stretch in [1.0, 1.0, 4.0, 1.0, 0.25, 1.0] {
+            let d = Duration::from_secs_f64(0.008 * stretch);
+            e.record(1_000_000, t, t + d, true);
+            t += d;
+        }
+        let r = e.rate().unwrap();
+        assert!((r - 0.125e9).abs() < 1e6, "{r}");
+    }
+
+    #[test]
+    fn the_first_window_replaces_the_probe() {
+        let mut e = RateEstimator::new(None);
+        e.set_rate(1e9);
+        let t = Instant::now();
+        e.record(1_000_000, t, t + Duration::from_millis(8), true);
+        let r = e.rate().unwrap();
+        assert!((r - 0.125e9).abs() < 1e6, "{r}");
     }
 
     #[test]

@@ -402,9 +402,11 @@ impl<'c> KvSender<'c> {
                 let (paced, held) = this.pace(buf.len() as u64).unwrap_or((begin, false));
                 {
                     let mut p = this.lock();
-                    // Queued: the link (or the pacer, emulating one) was still busy with
-                    // earlier bytes when this write came.
-                    let queued = held || !p.in_flight.is_empty();
+                    // Queued: the link (or the pacer, emulating one) had a backlog when this
+                    // write came, so its completion paces with the link rather than with how
+                    // fast either end's threads get a core.
+                    let backlog: u64 = p.in_flight.values().map(|w| w.0).sum();
+                    let queued = held || backlog >= policy::rate::BACKLOG;
                     p.in_flight
                         .insert(wr, (buf.len() as u64, begin, paced, queued));
                 }

@@ -15,9 +15,15 @@ use crate::session::msg::BlockImm;
 
 /// Immediate of a probe write (layer 4095, chunk 4095; policy transfers name fewer layers).
 const PROBE_IMM_LAYER: u32 = 0xfff;
-/// Bytes of each of the probe's timed writes, and how many.
+/// Bytes of each of the rate probe's writes, and at most how many are in flight.
 const PROBE_WRITE: u64 = 64 * 1024;
-const PROBE_WRITES: usize = 4;
+const PROBE_DEPTH: usize = 8;
+/// How long the rate probe keeps writing after its first write completed, and at most how
+/// many bytes it sends. A shaper's burst allowance (a token bucket) passes the first bytes
+/// at any speed; a few milliseconds of traffic past the first completion bound that error
+/// to a small factor, which the per-block estimates then correct.
+const PROBE_SPAN: Duration = Duration::from_millis(4);
+const PROBE_MAX_BYTES: u64 = 8 << 20;
 
 /// The policy's live state.
 pub(super) struct Live {
@@ -40,20 +46,17 @@ pub(super) struct Live {
 }
 
 impl KvSender<'_> {
-    /// Measures the link before the first block: one one-byte write (the round trip), then
-    /// a few back-to-back writes of [`PROBE_WRITE`] bytes (the rate, less the round trip).
-    /// The receiver gives probe slots back without decoding them.
+    /// Measures the link before the first block: one-byte writes (the round trip), then
+    /// [`PROBE_SPAN`] of back-to-back [`PROBE_WRITE`]-byte writes (the rate: bytes completed
+    /// after the first completion over the time to the last). The receiver gives probe slots
+    /// back without decoding them.
     pub(super) fn probe(&mut self) -> Result<()> {
         // The smallest of three one-byte round trips: the first also pays thread wake-ups.
         let mut rtt = Duration::MAX;
         for _ in 0..3 {
             rtt = rtt.min(self.probe_round(1, 1)?);
         }
-        let bytes = PROBE_WRITE.min(self.slot_size);
-        let n = PROBE_WRITES;
-        let t = self.probe_round(bytes, n)?;
-        let wire = t.saturating_sub(rtt).max(t / 4);
-        let rate = (bytes * n as u64) as f64 / wire.as_secs_f64().max(1e-9);
+        let rate = self.probe_rate(PROBE_WRITE.min(self.slot_size))?;
         let mut p = self.lock();
         p.rate.set_rtt(rtt);
         p.rate.set_rate(rate);
@@ -62,6 +65,78 @@ impl KvSender<'_> {
         }
         tracing::debug!(rtt_us = rtt.as_micros() as u64, rate, "link probe");
         Ok(())
+    }
+
+    /// Keeps [`PROBE_DEPTH`] probe writes of `bytes` each in flight until [`PROBE_SPAN`]
+    /// after the first completion (or [`PROBE_MAX_BYTES`]); the delivery rate after the
+    /// first completion, bytes/s.
+    fn probe_rate(&self, bytes: u64) -> Result<f64> {
+        let start = Instant::now();
+        let deadline = start + self.opts.timeout;
+        let (mut posted, mut done) = (0u64, 0u64);
+        let mut first_done: Option<(Instant, u64)> = None;
+        let mut last_done = Instant::now();
+        let mut wrs = Vec::new();
+        loop {
+            let stop = posted * bytes >= PROBE_MAX_BYTES
+                || first_done.is_some_and(|(t, _)| t.elapsed() >= PROBE_SPAN);
+            while !stop && posted - done < PROBE_DEPTH as u64 {
+                let Some(slot) = self.lock().free_slots.pop_front() else {
+                    break;
+                };
+                let wr = self.post_probe(slot, bytes)?;
+                wrs.push(wr);
+                posted += 1;
+            }
+            if stop && done == posted {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.conn.poll(left)? {
+                Some(ev) => {
+                    if let Event::WriteDone { wr_id, .. } = &ev {
+                        if wrs.contains(wr_id) {
+                            done += 1;
+                            last_done = Instant::now();
+                            first_done.get_or_insert((last_done, done));
+                        }
+                    }
+                    self.on_event(ev)?;
+                }
+                None => return Err(TransportError::Timeout(self.opts.timeout, "the link probe")),
+            }
+        }
+        let (first, at) = first_done.expect("at least one probe write completed");
+        let span = (last_done - first).as_secs_f64();
+        Ok(if done > at && span > 0.0 {
+            ((done - at) * bytes) as f64 / span
+        } else {
+            // A single completion: its bytes over the whole probe, round trip included.
+            (done * bytes) as f64 / (last_done - start).as_secs_f64().max(1e-6)
+        })
+    }
+
+    /// Posts one probe write of `bytes` into `slot`; its work-request id.
+    fn post_probe(&self, slot: u16, bytes: u64) -> Result<u64> {
+        let mut buf = vec![0u8; bytes as usize];
+        buf[0] = 0xff;
+        self.pace(bytes);
+        let wr = self.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
+        self.lock().outstanding += 1;
+        self.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
+        let imm = BlockImm {
+            slot,
+            layer: PROBE_IMM_LAYER,
+            chunk: 0xfff,
+        };
+        self.conn.post_write(
+            SendBuf::Bytes(buf),
+            self.region,
+            u64::from(slot) * self.slot_size,
+            Some(imm.pack()),
+            wr,
+        )?;
+        Ok(wr)
     }
 
     /// Posts `n` probe writes of `bytes` each as slots allow; returns the time from the first
@@ -77,26 +152,8 @@ impl KvSender<'_> {
                 let Some(slot) = self.lock().free_slots.pop_front() else {
                     break;
                 };
-                let mut buf = vec![0u8; bytes as usize];
-                buf[0] = 0xff;
-                self.pace(bytes);
                 first.get_or_insert_with(Instant::now);
-                let wr = self.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
-                wrs.push(wr);
-                self.lock().outstanding += 1;
-                self.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
-                let imm = BlockImm {
-                    slot,
-                    layer: PROBE_IMM_LAYER,
-                    chunk: 0xfff,
-                };
-                self.conn.post_write(
-                    SendBuf::Bytes(buf),
-                    self.region,
-                    u64::from(slot) * self.slot_size,
-                    Some(imm.pack()),
-                    wr,
-                )?;
+                wrs.push(self.post_probe(slot, bytes)?);
                 posted += 1;
             }
             let left = deadline.saturating_duration_since(Instant::now());
