@@ -127,17 +127,17 @@ impl<'c> KvSender<'c> {
             e.channel_scale_k &= !matches!(level, Level::Raw | Level::Lmcache);
             encoders.push(Encoder::new(spec, &e)?);
         }
-        // Build the coder's model tables in the background while the connection starts up,
-        // so that the first blocks of each candidate level do not pay for them.
-        let headers: Vec<kvwire_codec::Header> =
-            encoders.iter().map(|e| e.header().clone()).collect();
-        let _ = thread::Builder::new()
-            .name("kvwire-tables".into())
-            .spawn(move || {
-                headers
-                    .iter()
-                    .for_each(kvwire_codec::Header::prepare_models)
-            });
+        // A fixed level: build the coder's model tables in the background while the
+        // connection starts up, so that the first blocks do not wait for them. A policy
+        // builds a level's tables when it first chooses it (the first block of a level is not
+        // timed): building every candidate's up front cost tens of milliseconds of CPU that
+        // a fast link's transfer, at a level needing none of them, could not hide.
+        if opts.policy.is_none() {
+            let header = encoders[0].header().clone();
+            let _ = thread::Builder::new()
+                .name("kvwire-tables".into())
+                .spawn(move || header.prepare_models());
+        }
         let chunks = encoders[0].header().chunks();
         // A policy transfer keeps layer 4095 free for the probe's immediate.
         let max_layers = if opts.policy.is_some() {
