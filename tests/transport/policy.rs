@@ -23,6 +23,7 @@ fn calibration() -> Calibration {
         ratio,
         encode_rate: e * 1e6,
         decode_rate: d * 1e6,
+        setup: 0.0,
     };
     let c = Calibration {
         key: "test".into(),

@@ -33,6 +33,9 @@ pub struct LevelSpeed {
     pub encode_rate: f64,
     /// Input bytes/s decoded by one thread.
     pub decode_rate: f64,
+    /// Seconds the level's first use in a process costs before its first block: building
+    /// its coder's model tables (0 for levels without them).
+    pub setup: f64,
 }
 
 /// Passes over the sample per level; the fastest counts.
@@ -71,6 +74,11 @@ impl Calibration {
             let mut header = Vec::new();
             enc.write_header(&mut header);
             let (dec, _) = Decoder::new(&header).map_err(kvwire_codec::CodecError::from)?;
+            // The tables this level needs beyond what earlier levels built (each process
+            // builds a table set once; the levels are measured in the order auto tries them).
+            let t = Instant::now();
+            enc.header().prepare_models();
+            let setup = t.elapsed().as_secs_f64();
             // The best of a few passes: the first also builds the level's model tables (a few
             // MiB, once per process) and would read as a codec several times slower.
             let (mut encode_s, mut decode_s) = (f64::INFINITY, f64::INFINITY);
@@ -103,6 +111,7 @@ impl Calibration {
                 ratio: wire as f64 / input,
                 encode_rate: input / encode_s.max(1e-6),
                 decode_rate: input / decode_s.max(1e-6),
+                setup,
             });
         }
         Ok(Self {
@@ -158,13 +167,13 @@ impl Calibration {
     /// The cache file's text.
     pub fn to_text(&self) -> String {
         let mut s = format!(
-            "kvwire-calibration 1\nkey {}\ncores {}\n",
+            "kvwire-calibration 2\nkey {}\ncores {}\n",
             self.key, self.cores
         );
         for l in &self.levels {
             s += &format!(
-                "level {} {} {} {}\n",
-                l.level, l.ratio, l.encode_rate, l.decode_rate
+                "level {} {} {} {} {}\n",
+                l.level, l.ratio, l.encode_rate, l.decode_rate, l.setup
             );
         }
         s
@@ -173,7 +182,7 @@ impl Calibration {
     /// Parses [`Self::to_text`]; `None` for anything else.
     pub fn parse(text: &str) -> Option<Self> {
         let mut lines = text.lines();
-        if lines.next()? != "kvwire-calibration 1" {
+        if lines.next()? != "kvwire-calibration 2" {
             return None;
         }
         let key = lines.next()?.strip_prefix("key ")?.to_string();
@@ -181,7 +190,7 @@ impl Calibration {
         let mut levels = Vec::new();
         for line in lines {
             let f: Vec<&str> = line.split(' ').collect();
-            let ["level", name, ratio, enc, dec] = f[..] else {
+            let ["level", name, ratio, enc, dec, setup] = f[..] else {
                 return None;
             };
             let num = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0);
@@ -190,6 +199,10 @@ impl Calibration {
                 ratio: num(ratio)?,
                 encode_rate: num(enc)?,
                 decode_rate: num(dec)?,
+                setup: setup
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite() && (0.0..60.0).contains(v))?,
             });
         }
         (levels.len() == AUTO_LEVELS.len()).then_some(Self { key, levels, cores })
@@ -267,11 +280,16 @@ mod tests {
         let low = c.get(Level::CgLow).unwrap();
         assert!((raw.ratio - 1.0).abs() < 0.01, "{}", raw.ratio);
         assert!(low.ratio < 0.3, "{}", low.ratio);
-        assert_eq!(Calibration::parse(&c.to_text()), Some(c));
+        assert_eq!(Calibration::parse(&c.to_text()), Some(c.clone()));
         assert!(
-            Calibration::parse("kvwire-calibration 1\nkey x\ncores 2\nlevel raw 1 NaN 1\n")
+            Calibration::parse("kvwire-calibration 2\nkey x\ncores 2\nlevel raw 1 NaN 1 0\n")
                 .is_none()
         );
+        // Version 1 (no setup times) is measured again.
+        assert!(Calibration::parse(&c.to_text().replacen(" 2\n", " 1\n", 1)).is_none());
+        // Levels with model tables take time to set up; raw and q8 have none to build.
+        assert!(c.get(Level::CgHigh).unwrap().setup > 0.0);
+        assert!(raw.setup < c.get(Level::CgHigh).unwrap().setup);
         assert!(Calibration::parse("").is_none());
     }
 }

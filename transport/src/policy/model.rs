@@ -12,7 +12,10 @@
 //! it). e = block bytes / (encode bytes/s per core x sender threads), w = block bytes x ratio /
 //! link bytes/s, d = block bytes / receiver decode bytes/s (the receiver reports its total).
 //! The policy prices every candidate level as if the rest of the transfer used it and picks
-//! the cheapest; in deadline mode the best quality whose T fits the time left.
+//! the cheapest; in deadline mode the best quality whose T fits the time left. A level not yet
+//! used in this process also pays its setup once (building its coder's tables), and the level
+//! in use is kept unless another is cheaper by more than [`HYSTERESIS`]: among levels that
+//! price within a few percent of each other, hopping costs more than it saves.
 
 use kvwire_codec::Level;
 
@@ -27,6 +30,8 @@ pub struct LevelCost {
     pub encode_rate: f64,
     /// Receiver's decode throughput over all its threads, input bytes/s.
     pub decode_rate: f64,
+    /// Seconds its first block costs before encoding can start (0 once set up).
+    pub setup: f64,
 }
 
 /// Everything the decision looks at.
@@ -45,7 +50,12 @@ pub struct PolicyInputs<'a> {
     /// Sender and receiver run on one machine's cores: encode and decode compete, so their
     /// stage is e + d rather than two stages of their own.
     pub shared_cpu: bool,
+    /// Index of the level the previous block used, if any.
+    pub current: Option<usize>,
 }
+
+/// How much cheaper (relative) another level must price to replace the one in use.
+pub const HYSTERESIS: f64 = 0.03;
 
 /// A decision and why.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -83,13 +93,22 @@ pub fn choose(inp: &PolicyInputs<'_>) -> Option<Choice> {
         .map(|(index, c)| Choice {
             index,
             level: c.level,
-            predicted: predict(c, inp.link_rate, inp.block_bytes, n, inp.shared_cpu),
+            predicted: predict(c, inp.link_rate, inp.block_bytes, n, inp.shared_cpu)
+                + if c.setup.is_finite() {
+                    c.setup.max(0.0)
+                } else {
+                    0.0
+                },
         })
         .collect();
-    let fastest = priced
+    let cheapest = priced
         .iter()
         .copied()
         .min_by(|a, b| a.predicted.total_cmp(&b.predicted))?;
+    let fastest = match inp.current.and_then(|i| priced.get(i)) {
+        Some(cur) if cur.predicted <= cheapest.predicted * (1.0 + HYSTERESIS) => *cur,
+        _ => cheapest,
+    };
     match inp.time_left {
         // Best quality first: the first that meets the deadline, else the fastest.
         Some(left) => Some(
@@ -123,6 +142,7 @@ mod tests {
                 ratio,
                 encode_rate,
                 decode_rate,
+                setup: 0.0,
             })
             .collect()
     }
@@ -135,6 +155,7 @@ mod tests {
             blocks_left: 480,
             time_left: deadline,
             shared_cpu: false,
+            current: None,
         })
         .unwrap()
         .level
@@ -203,6 +224,7 @@ mod tests {
             ratio: 0.5,
             encode_rate: 1.0,
             decode_rate: 4.0,
+            setup: 0.0,
         };
         // e = 1, w = 0.5 / 0.25 = 2, d = 0.25: 10 blocks -> 10 * 2 + 1.25.
         assert!((predict(&c, 0.25, 1.0, 10, false) - 21.25).abs() < 1e-9);
@@ -223,7 +245,45 @@ mod tests {
             blocks_left: 1,
             time_left: None,
             shared_cpu: false,
+            current: None,
         })
         .is_none());
+    }
+
+    #[test]
+    fn setup_and_hysteresis_keep_near_equal_levels_from_hopping() {
+        let mut ls = levels(4);
+        fn inputs(ls: &[LevelCost], current: Option<usize>) -> PolicyInputs<'_> {
+            PolicyInputs {
+                levels: ls,
+                link_rate: 0.1e9 / 8.0,
+                block_bytes: 196_608.0,
+                blocks_left: 480,
+                time_left: None,
+                shared_cpu: false,
+                current,
+            }
+        }
+        // 0.1 Gbit/s: cg-low is cheapest (the smallest output on a wire-bound link).
+        assert_eq!(choose(&inputs(&ls, None)).unwrap().level, Level::CgLow);
+        // Its tables not built yet, and building them costs more than it would save over
+        // cg-default (built): cg-default.
+        let low = ls.len() - 1;
+        let gap = predict(&ls[low - 1], 0.1e9 / 8.0, 196_608.0, 480, false)
+            - predict(&ls[low], 0.1e9 / 8.0, 196_608.0, 480, false);
+        ls[low].setup = gap * 2.0;
+        assert_eq!(choose(&inputs(&ls, None)).unwrap().level, Level::CgDefault);
+        // Built (setup 0), but cg-default in use and within HYSTERESIS of it: stays.
+        ls[low].setup = 0.0;
+        let def = predict(&ls[low - 1], 0.1e9 / 8.0, 196_608.0, 480, false);
+        let lo = predict(&ls[low], 0.1e9 / 8.0, 196_608.0, 480, false);
+        let c = choose(&inputs(&ls, Some(low - 1))).unwrap();
+        if def <= lo * (1.0 + HYSTERESIS) {
+            assert_eq!(c.level, Level::CgDefault);
+        } else {
+            assert_eq!(c.level, Level::CgLow);
+        }
+        // A level far cheaper than the one in use replaces it.
+        assert_eq!(choose(&inputs(&ls, Some(0))).unwrap().level, Level::CgLow);
     }
 }

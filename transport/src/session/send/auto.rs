@@ -199,6 +199,8 @@ impl KvSender<'_> {
             .map(|(c, (r, e))| LevelCost {
                 ratio: r.unwrap_or(c.ratio),
                 encode_rate: e.map_or(c.encode_rate, |e| e * live.threads),
+                // A level that has encoded a block is set up (the ratio is seen from then on).
+                setup: if r.is_some() { 0.0 } else { c.setup },
                 ..*c
             })
             .collect();
@@ -211,6 +213,7 @@ impl KvSender<'_> {
             blocks_left: live.total - live.decided,
             time_left: live.opts.deadline.map(|d| d.as_secs_f64() - elapsed),
             shared_cpu: live.shared_cpu,
+            current: live.last,
         })
         .expect("at least one candidate");
         if live.decided == 0 {
@@ -281,6 +284,8 @@ pub(super) fn live_state(
                 encode_rate: speed.map_or(1e9, |s| s.encode_rate) * threads,
                 decode_rate: reported
                     .unwrap_or_else(|| speed.map_or(1e9, |s| s.decode_rate) * cal.cores as f64),
+                // Both ends build the level's tables on its first block.
+                setup: 2.0 * speed.map_or(0.0, |s| s.setup),
             }
         })
         .collect();
