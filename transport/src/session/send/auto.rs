@@ -20,10 +20,12 @@ const PROBE_WRITE: u64 = 64 * 1024;
 const PROBE_DEPTH: usize = 8;
 /// How long the rate probe keeps writing after its first write completed, and at most how
 /// many bytes it sends. A shaper's burst allowance (a token bucket) passes the first bytes
-/// at any speed; a few milliseconds of traffic past the first completion bound that error
-/// to a small factor, which the per-block estimates then correct.
+/// at any speed, so the rate is taken over the second half of that time only.
 const PROBE_SPAN: Duration = Duration::from_millis(4);
 const PROBE_MAX_BYTES: u64 = 8 << 20;
+/// ... and at most this fraction of the cache's own size, so that probing a fast link costs
+/// a small transfer no more than a few percent.
+const PROBE_MAX_SHARE: u64 = 32;
 
 /// The policy's live state.
 pub(super) struct Live {
@@ -56,7 +58,14 @@ impl KvSender<'_> {
         for _ in 0..3 {
             rtt = rtt.min(self.probe_round(1, 1)?);
         }
-        let rate = self.probe_rate(PROBE_WRITE.min(self.slot_size))?;
+        // Writes small enough that PROBE_DEPTH of them stay within the probe's share of
+        // the cache.
+        let cache = self.encoders[0].header().spec.byte_len() as u64;
+        let write = PROBE_WRITE
+            .min(self.slot_size)
+            .min(cache / (PROBE_MAX_SHARE * PROBE_DEPTH as u64))
+            .max(4096);
+        let rate = self.probe_rate(write)?;
         let mut p = self.lock();
         p.rate.set_rtt(rtt);
         p.rate.set_rate(rate);
@@ -68,24 +77,30 @@ impl KvSender<'_> {
     }
 
     /// Keeps [`PROBE_DEPTH`] probe writes of `bytes` each in flight until [`PROBE_SPAN`]
-    /// after the first completion (or [`PROBE_MAX_BYTES`]); the delivery rate after the
-    /// first completion, bytes/s.
+    /// after the first completion (or [`PROBE_MAX_BYTES`], or 1/[`PROBE_MAX_SHARE`] of the
+    /// cache, but at least [`PROBE_DEPTH`] writes); the delivery rate
+    /// ([`delivery_rate`]), bytes/s.
     fn probe_rate(&self, bytes: u64) -> Result<f64> {
         let start = Instant::now();
         let deadline = start + self.opts.timeout;
+        let cache = self.encoders[0].header().spec.byte_len() as u64;
+        let max_bytes = PROBE_MAX_BYTES
+            .min(cache / PROBE_MAX_SHARE)
+            .max(PROBE_DEPTH as u64 * bytes);
         let (mut posted, mut done) = (0u64, 0u64);
-        let mut first_done: Option<(Instant, u64)> = None;
-        let mut last_done = Instant::now();
+        // When each probe write completed, from `start`.
+        let mut times: Vec<Duration> = Vec::new();
         let mut wrs = Vec::new();
         loop {
-            let stop = posted * bytes >= PROBE_MAX_BYTES
-                || first_done.is_some_and(|(t, _)| t.elapsed() >= PROBE_SPAN);
+            let stop = posted * bytes >= max_bytes
+                || times
+                    .first()
+                    .is_some_and(|&t| start.elapsed().saturating_sub(t) >= PROBE_SPAN);
             while !stop && posted - done < PROBE_DEPTH as u64 {
                 let Some(slot) = self.lock().free_slots.pop_front() else {
                     break;
                 };
-                let wr = self.post_probe(slot, bytes)?;
-                wrs.push(wr);
+                wrs.push(self.post_probe(slot, bytes)?);
                 posted += 1;
             }
             if stop && done == posted {
@@ -95,10 +110,13 @@ impl KvSender<'_> {
             match self.conn.poll(left)? {
                 Some(ev) => {
                     if let Event::WriteDone { wr_id, .. } = &ev {
-                        if wrs.contains(wr_id) {
+                        if let Some(&(_, paced)) = wrs.iter().find(|w| w.0 == *wr_id) {
                             done += 1;
-                            last_done = Instant::now();
-                            first_done.get_or_insert((last_done, done));
+                            // Behind the pacer the write is done when the emulated link
+                            // would have carried it (the link under it is far faster, and
+                            // this completion may be read late: the posting loop sleeps in
+                            // the pacer).
+                            times.push(paced.unwrap_or_else(Instant::now) - start);
                         }
                     }
                     self.on_event(ev)?;
@@ -106,21 +124,16 @@ impl KvSender<'_> {
                 None => return Err(TransportError::Timeout(self.opts.timeout, "the link probe")),
             }
         }
-        let (first, at) = first_done.expect("at least one probe write completed");
-        let span = (last_done - first).as_secs_f64();
-        Ok(if done > at && span > 0.0 {
-            ((done - at) * bytes) as f64 / span
-        } else {
-            // A single completion: its bytes over the whole probe, round trip included.
-            (done * bytes) as f64 / (last_done - start).as_secs_f64().max(1e-6)
-        })
+        times.sort_unstable();
+        Ok(delivery_rate(&times, bytes))
     }
 
-    /// Posts one probe write of `bytes` into `slot`; its work-request id.
-    fn post_probe(&self, slot: u16, bytes: u64) -> Result<u64> {
+    /// Posts one probe write of `bytes` into `slot`; its work-request id, and when the pacer
+    /// (if any, emulating a slower link) has the write leave the link.
+    fn post_probe(&self, slot: u16, bytes: u64) -> Result<(u64, Option<Instant>)> {
         let mut buf = vec![0u8; bytes as usize];
         buf[0] = 0xff;
-        self.pace(bytes);
+        let paced = self.pace(bytes).map(|(end, _)| end);
         let wr = self.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
         self.lock().outstanding += 1;
         self.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
@@ -136,7 +149,7 @@ impl KvSender<'_> {
             Some(imm.pack()),
             wr,
         )?;
-        Ok(wr)
+        Ok((wr, paced))
     }
 
     /// Posts `n` probe writes of `bytes` each as slots allow; returns the time from the first
@@ -153,7 +166,7 @@ impl KvSender<'_> {
                     break;
                 };
                 first.get_or_insert_with(Instant::now);
-                wrs.push(self.post_probe(slot, bytes)?);
+                wrs.push(self.post_probe(slot, bytes)?.0);
                 posted += 1;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -254,6 +267,30 @@ impl KvSender<'_> {
     }
 }
 
+/// The rate at which writes of `bytes` each completed at `times` (from the first post, in
+/// order): over the second half of the span from the first completion to the last, where a
+/// shaper's burst allowance, spent at the start, no longer inflates it; over the whole span
+/// when the second half holds fewer than two completions; a lone completion's bytes over its
+/// time when there is no span.
+fn delivery_rate(times: &[Duration], bytes: u64) -> f64 {
+    let (Some(&first), Some(&last)) = (times.first(), times.last()) else {
+        return 0.0;
+    };
+    let mid = first + (last - first) / 2;
+    // The last completion at or before the midpoint starts the measured stretch.
+    let k = times.iter().rposition(|&t| t <= mid).unwrap_or(0);
+    let (from, n) = if times.len() - 1 - k >= 2 {
+        (times[k], times.len() - 1 - k)
+    } else {
+        (first, times.len() - 1)
+    };
+    let span = (last - from).as_secs_f64();
+    if n == 0 || span <= 0.0 {
+        return (times.len() as u64 * bytes) as f64 / last.as_secs_f64().max(1e-6);
+    }
+    (n as u64 * bytes) as f64 / span
+}
+
 /// The policy's starting state: per candidate, this machine's encode speed times the threads
 /// used, the receiver's reported decode speed (this machine's when it reported none), and the
 /// sample's ratio until blocks of the level have been seen.
@@ -304,5 +341,34 @@ pub(super) fn live_state(
         last: None,
         summary: PolicySummary::default(),
         shared_cpu: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: f64) -> Duration {
+        Duration::from_secs_f64(v / 1000.0)
+    }
+
+    #[test]
+    fn a_burst_allowance_at_the_start_does_not_inflate_the_rate() {
+        // 64 KiB writes: the first 8 through a full bucket 0.1 ms apart, then one per 0.5 ms
+        // (131 MB/s) for 4 ms.
+        let mut times: Vec<Duration> = (0..8).map(|i| ms(0.1 + 0.1 * f64::from(i))).collect();
+        let burst_end = 0.8;
+        times.extend((1..=8).map(|i| ms(burst_end + 0.5 * f64::from(i))));
+        let r = delivery_rate(&times, 65536);
+        assert!((r - 65536.0 / 0.0005).abs() < 1e6, "{r}");
+    }
+
+    #[test]
+    fn steady_completions_give_their_rate_and_few_do_not_panic() {
+        let times: Vec<Duration> = (1..=10).map(|i| ms(f64::from(i))).collect();
+        assert!((delivery_rate(&times, 1000) - 1e6).abs() < 1.0);
+        assert!((delivery_rate(&times[..2], 1000) - 1e6).abs() < 1.0);
+        assert!(delivery_rate(&times[..1], 1000) > 0.0);
+        assert_eq!(delivery_rate(&[], 1000), 0.0);
     }
 }
