@@ -49,23 +49,24 @@ pub(super) struct Live {
 
 impl KvSender<'_> {
     /// Measures the link before the first block: one-byte writes (the round trip), then
-    /// [`PROBE_SPAN`] of back-to-back [`PROBE_WRITE`]-byte writes (the rate: bytes completed
-    /// after the first completion over the time to the last). The receiver gives probe slots
-    /// back without decoding them.
+    /// back-to-back writes of up to [`PROBE_WRITE`] bytes for [`PROBE_SPAN`] past the first
+    /// completion (the rate, [`delivery_rate`]). The receiver gives probe slots back without
+    /// decoding them.
     pub(super) fn probe(&mut self) -> Result<()> {
         // The smallest of three one-byte round trips: the first also pays thread wake-ups.
         let mut rtt = Duration::MAX;
         for _ in 0..3 {
             rtt = rtt.min(self.probe_round(1, 1)?);
         }
-        // Writes small enough that PROBE_DEPTH of them stay within the probe's share of
-        // the cache.
-        let cache = self.encoders[0].header().spec.byte_len() as u64;
+        // At most the probe's share of the cache, in writes small enough that PROBE_DEPTH of
+        // them fit in it.
+        let share = self.encoders[0].header().spec.byte_len() as u64 / PROBE_MAX_SHARE;
         let write = PROBE_WRITE
             .min(self.slot_size)
-            .min(cache / (PROBE_MAX_SHARE * PROBE_DEPTH as u64))
+            .min(share / PROBE_DEPTH as u64)
             .max(4096);
-        let rate = self.probe_rate(write)?;
+        let max_bytes = PROBE_MAX_BYTES.min(share).max(PROBE_DEPTH as u64 * write);
+        let rate = self.probe_rate(write, max_bytes)?;
         let mut p = self.lock();
         p.rate.set_rtt(rtt);
         p.rate.set_rate(rate);
@@ -77,16 +78,11 @@ impl KvSender<'_> {
     }
 
     /// Keeps [`PROBE_DEPTH`] probe writes of `bytes` each in flight until [`PROBE_SPAN`]
-    /// after the first completion (or [`PROBE_MAX_BYTES`], or 1/[`PROBE_MAX_SHARE`] of the
-    /// cache, but at least [`PROBE_DEPTH`] writes); the delivery rate
+    /// after the first completion or `max_bytes` posted; the delivery rate
     /// ([`delivery_rate`]), bytes/s.
-    fn probe_rate(&self, bytes: u64) -> Result<f64> {
+    fn probe_rate(&self, bytes: u64, max_bytes: u64) -> Result<f64> {
         let start = Instant::now();
         let deadline = start + self.opts.timeout;
-        let cache = self.encoders[0].header().spec.byte_len() as u64;
-        let max_bytes = PROBE_MAX_BYTES
-            .min(cache / PROBE_MAX_SHARE)
-            .max(PROBE_DEPTH as u64 * bytes);
         let (mut posted, mut done) = (0u64, 0u64);
         // When each probe write completed, from `start`.
         let mut times: Vec<Duration> = Vec::new();
