@@ -7,8 +7,8 @@
 //! nearly so completes at the pace of the round trip and of both ends' threads getting a
 //! core, which on a loaded machine says nothing of the link's rate (when encoding is the
 //! bottleneck the link never builds a backlog and the rate cannot be seen; the last estimate
-//! stands). Each idle-to-busy transition that is counted pays one
-//! round trip, so a window's rate is bytes / (busy - periods x rtt). The estimate is the
+//! stands). Each idle-to-busy transition that is counted pays one round trip, so a window's
+//! rate is bytes / (busy - periods x rtt). The estimate is the
 //! median of the last [`RateEstimator::SAMPLES`] windows of at least [`RateEstimator::WINDOW`]
 //! busy time each: on a machine whose cores are busy, one window can catch the peer's reader
 //! thread waiting for a core (far below the link's rate) and the next a token bucket's burst
