@@ -276,14 +276,7 @@ impl KvReceiver {
             decoder.chunk_spec(0).byte_len() as u64,
         );
         let cache = if collect {
-            let bytes = spec.byte_len();
-            let data = crate::raw::zeroed_vec(bytes).ok_or_else(|| {
-                refuse(
-                    conn,
-                    TransportError::Invalid(format!("cannot allocate a {bytes}-byte cache")),
-                )
-            })?;
-            Some(KvCache::from_bytes(spec, data)?)
+            Some(zeroed_cache(spec).map_err(|e| refuse(conn, e))?)
         } else {
             None
         };
@@ -396,9 +389,10 @@ impl KvReceiver {
         let cache = cache
             .as_ref()
             .expect("taken only by recv_all, which consumes self");
-        let es = cache.spec().dtype.size();
-        let r = cache.spec().layer_range(l);
-        Ok(Some((l, cache.bytes()[r.start * es..r.end * es].to_vec())))
+        Ok(Some((
+            l,
+            cache.bytes()[layer_bytes(cache.spec(), l)].to_vec(),
+        )))
     }
 
     /// The next finished layer in order; with `collect` its bytes are in the cache and the
@@ -456,15 +450,9 @@ impl KvReceiver {
             return Ok((cache, stats));
         }
         let spec = self.spec();
-        let bytes = spec.byte_len();
-        let data = crate::raw::zeroed_vec(bytes).ok_or_else(|| {
-            TransportError::Invalid(format!("cannot allocate a {bytes}-byte cache"))
-        })?;
-        let mut cache = KvCache::from_bytes(spec, data)?;
-        let es = spec.dtype.size();
+        let mut cache = zeroed_cache(spec)?;
         while let Some((l, buf)) = self.next_layer()? {
-            let r = spec.layer_range(l);
-            cache.bytes_mut()[r.start * es..r.end * es].copy_from_slice(&buf);
+            cache.bytes_mut()[layer_bytes(&spec, l)].copy_from_slice(&buf);
         }
         let stats = self.stats();
         Ok((cache, stats))
@@ -514,6 +502,20 @@ pub fn recv_kv(
     opts: &RecvOptions,
 ) -> Result<(KvCache, RecvStats)> {
     KvReceiver::accept_whole(conn, slots, opts)?.recv_all()
+}
+
+/// A cache of `spec` on untouched zero pages ([`crate::raw::zeroed_vec`]).
+fn zeroed_cache(spec: KvSpec) -> Result<KvCache> {
+    let bytes = spec.byte_len();
+    let data = crate::raw::zeroed_vec(bytes)
+        .ok_or_else(|| TransportError::Invalid(format!("cannot allocate a {bytes}-byte cache")))?;
+    Ok(KvCache::from_bytes(spec, data)?)
+}
+
+/// The byte range of layer `l` in a cache of `spec`.
+pub(super) fn layer_bytes(spec: &KvSpec, l: usize) -> std::ops::Range<usize> {
+    let (r, es) = (spec.layer_range(l), spec.dtype.size());
+    r.start * es..r.end * es
 }
 
 /// Bytes a block of this transfer may take beyond its chunk's raw bytes: the block header,

@@ -287,13 +287,8 @@ fn decode_one(
             let cache = cache.as_mut().ok_or_else(|| {
                 TransportError::Invalid("the received cache was already taken".into())
             })?;
-            let es = cache.spec().dtype.size();
-            let r = cache.spec().layer_range(layer);
-            d.place_chunk(
-                &info,
-                chunk_buf,
-                &mut cache.bytes_mut()[r.start * es..r.end * es],
-            )?;
+            let r = super::layer_bytes(cache.spec(), layer);
+            d.place_chunk(&info, chunk_buf, &mut cache.bytes_mut()[r])?;
         } else {
             d.place_chunk(&info, chunk_buf, &mut st.buf)?;
         }
