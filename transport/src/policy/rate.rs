@@ -8,14 +8,15 @@
 //! core, which on a loaded machine says nothing of the link's rate (when encoding is the
 //! bottleneck the link never builds a backlog and the rate cannot be seen; the last estimate
 //! stands). Each idle-to-busy transition that is counted pays one round trip, so a window's
-//! rate is bytes / (busy - periods x rtt). The estimate is the
-//! median of the last [`RateEstimator::SAMPLES`] windows of at least [`RateEstimator::WINDOW`]
-//! busy time each: on a machine whose cores are busy, one window can catch the peer's reader
-//! thread waiting for a core (far below the link's rate) and the next a token bucket's burst
-//! (far above), and a median ignores both where an average moves with each. A rate that
-//! moves (another flow, a lowered `tc` rate) moves the estimate after half the windows.
-//! The connect-time probe's result stands only until the first window: a short probe
-//! measures a shaper's burst allowance as much as its rate.
+//! rate is bytes / (busy - periods x rtt). The estimate is the second highest of the last
+//! [`RateEstimator::SAMPLES`] windows of at least [`RateEstimator::WINDOW`] busy time each
+//! (the highest while there are three or fewer). A window is a lower bound on what the link
+//! can carry: when the cores are busy (the codec, or the peer itself on the same machine),
+//! the peer's reader thread waits for one and a window reads far below the link's rate, and
+//! several in a row can. A token bucket's burst after an idle spell reads above it, but the
+//! bucket empties in the first window that follows, so one outlier above is all there is.
+//! The connect-time probe counts as the first window. A rate that drops (another flow, a
+//! lowered `tc` rate) moves the estimate once four of five windows see it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -41,7 +42,7 @@ pub struct RateEstimator {
 impl RateEstimator {
     /// Busy time a window gathers before it becomes a sample.
     pub const WINDOW: Duration = Duration::from_millis(4);
-    /// Windows the estimate is the median of.
+    /// Windows the estimate is taken from.
     pub const SAMPLES: usize = 5;
 
     /// An estimator starting from `initial` bytes/s (`None`: nothing known yet).
@@ -78,11 +79,24 @@ impl RateEstimator {
         self.samples
     }
 
-    /// Sets the estimate outright (a probe's result), until the first window replaces it.
+    /// A probe's result: the estimate now, and one window among those it is taken from.
     pub fn set_rate(&mut self, rate: f64) {
         if rate.is_finite() && rate > 0.0 {
-            self.rate = Some(rate);
+            self.push(rate);
         }
+    }
+
+    /// Adds a window's rate and takes the estimate from the last [`Self::SAMPLES`].
+    fn push(&mut self, sample: f64) {
+        if self.recent.len() == Self::SAMPLES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(sample);
+        let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        // The highest of up to three, the second highest of four or five.
+        self.rate = Some(sorted[if n <= 3 { n - 1 } else { n - 2 }]);
     }
 
     /// A write of `bytes` was busy on the link from `begin` to `end`; `queued`: it was posted
@@ -114,20 +128,7 @@ impl RateEstimator {
                 .window_busy
                 .saturating_sub(latency)
                 .max(self.window_busy / 4);
-            let sample = self.window_bytes as f64 / wire.as_secs_f64();
-            if self.recent.len() == Self::SAMPLES {
-                self.recent.pop_front();
-            }
-            self.recent.push_back(sample);
-            let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
-            sorted.sort_by(f64::total_cmp);
-            let n = sorted.len();
-            // The median; of an even count, the mean of the middle two.
-            self.rate = Some(if n % 2 == 1 {
-                sorted[n / 2]
-            } else {
-                (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-            });
+            self.push(self.window_bytes as f64 / wire.as_secs_f64());
             self.samples += 1;
             self.window_bytes = 0;
             self.window_busy = Duration::ZERO;
@@ -211,27 +212,44 @@ mod tests {
         assert!(r < 0.14e9, "{r}");
     }
 
-    #[test]
-    fn one_stalled_window_and_one_burst_do_not_move_the_estimate() {
-        let mut e = RateEstimator::new(None);
-        let mut t = Instant::now();
-        // 1 MB per 8 ms (0.125 GB/s), one window each; the third is stalled (4x longer), the
-        // fifth a burst (4x shorter).
-        for stretch in [1.0, 1.0, 4.0, 1.0, 0.25, 1.0] {
-            let d = Duration::from_secs_f64(0.008 * stretch);
-            e.record(1_000_000, t, t + d, true);
-            t += d;
+    /// Feeds one window per stretch from `t` on: 1 MB over 8 ms x stretch (0.125 GB/s at 1).
+    fn windows(e: &mut RateEstimator, t: &mut Instant, stretches: &[f64]) {
+        for s in stretches {
+            let d = Duration::from_secs_f64(0.008 * s);
+            e.record(1_000_000, *t, *t + d, true);
+            *t += d;
         }
+    }
+
+    #[test]
+    fn stalled_windows_and_one_burst_do_not_move_the_estimate() {
+        // One stalled (4x longer), then a burst (4x shorter).
+        let mut e = RateEstimator::new(None);
+        windows(
+            &mut e,
+            &mut Instant::now(),
+            &[1.0, 1.0, 4.0, 1.0, 0.25, 1.0],
+        );
+        let r = e.rate().unwrap();
+        assert!((r - 0.125e9).abs() < 1e6, "{r}");
+        // Three of five stalled: the peer's reader waited for a core, not the link.
+        let mut e = RateEstimator::new(None);
+        windows(&mut e, &mut Instant::now(), &[1.0, 1.0, 4.0, 3.0, 1.0, 4.0]);
         let r = e.rate().unwrap();
         assert!((r - 0.125e9).abs() < 1e6, "{r}");
     }
 
     #[test]
-    fn the_first_window_replaces_the_probe() {
+    fn the_probe_counts_as_a_window() {
         let mut e = RateEstimator::new(None);
         e.set_rate(1e9);
-        let t = Instant::now();
-        e.record(1_000_000, t, t + Duration::from_millis(8), true);
+        assert_eq!(e.rate(), Some(1e9));
+        // A lower first window does not yet outvote it ...
+        let mut t = Instant::now();
+        windows(&mut e, &mut t, &[1.0]);
+        assert_eq!(e.rate(), Some(1e9));
+        // ... three do.
+        windows(&mut e, &mut t, &[1.0, 1.0]);
         let r = e.rate().unwrap();
         assert!((r - 0.125e9).abs() < 1e6, "{r}");
     }

@@ -9,5 +9,6 @@ pub mod msg;
 mod recv;
 mod send;
 
+pub(crate) use recv::layer_bytes;
 pub use recv::{recv_kv, KvReceiver, RecvOptions, RecvSlots, RecvStats};
 pub use send::{send_kv, KvSender, SendOptions, SendStats};

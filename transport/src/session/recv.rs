@@ -513,7 +513,7 @@ fn zeroed_cache(spec: KvSpec) -> Result<KvCache> {
 }
 
 /// The byte range of layer `l` in a cache of `spec`.
-pub(super) fn layer_bytes(spec: &KvSpec, l: usize) -> std::ops::Range<usize> {
+pub(crate) fn layer_bytes(spec: &KvSpec, l: usize) -> std::ops::Range<usize> {
     let (r, es) = (spec.layer_range(l), spec.dtype.size());
     r.start * es..r.end * es
 }

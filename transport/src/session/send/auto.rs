@@ -18,14 +18,23 @@ const PROBE_IMM_LAYER: u32 = 0xfff;
 /// Bytes of each of the rate probe's writes, and at most how many are in flight.
 const PROBE_WRITE: u64 = 64 * 1024;
 const PROBE_DEPTH: usize = 8;
-/// How long the rate probe keeps writing after its first write completed, and at most how
-/// many bytes it sends. A shaper's burst allowance (a token bucket) passes the first bytes
-/// at any speed, so the rate is taken over the second half of that time only.
-const PROBE_SPAN: Duration = Duration::from_millis(4);
+/// The probe keeps in flight about what the link delivered over this much time just before
+/// (at least 2 writes): enough to keep it busy, and little to wait for at the end on a slow
+/// link, where [`PROBE_DEPTH`] writes would queue for many ms ahead of the first block.
+const PROBE_QUEUE: Duration = Duration::from_millis(1);
+/// How long the rate probe keeps writing after its first write completed: at least
+/// [`PROBE_MIN_SPAN`], then until the rates over the two halves of the span agree within
+/// [`PROBE_AGREE`], at most [`PROBE_MAX_SPAN`]. A shaper's burst allowance (a token bucket)
+/// passes the first bytes at any speed; a bucket of a few ms at the rate takes that long and
+/// more to drain, and the rate is taken over the second half only.
+const PROBE_MIN_SPAN: Duration = Duration::from_millis(2);
+const PROBE_MAX_SPAN: Duration = Duration::from_millis(10);
+const PROBE_AGREE: f64 = 0.25;
+/// At most how many bytes the probe sends ...
 const PROBE_MAX_BYTES: u64 = 8 << 20;
 /// ... and at most this fraction of the cache's own size, so that probing a fast link costs
 /// a small transfer no more than a few percent.
-const PROBE_MAX_SHARE: u64 = 32;
+const PROBE_MAX_SHARE: u64 = 16;
 
 /// The policy's live state.
 pub(super) struct Live {
@@ -34,8 +43,14 @@ pub(super) struct Live {
     /// Observed encoded bytes per input byte, per candidate.
     pub(super) ratios: Vec<Option<f64>>,
     /// Observed encode speed per thread (input bytes/s of wall time, so it includes sharing
-    /// the cores with whatever else runs), per candidate.
+    /// the cores with whatever else runs), per candidate; not kept when the receiver shares
+    /// this machine's cores (see [`KvSender::observe`]).
     pub(super) encode_seen: Vec<Option<f64>>,
+    /// Observed over calibrated encode speed, over the levels seen so far: how much slower
+    /// (or faster) the codec runs now than at calibration. Levels not yet seen are priced
+    /// at their calibrated speeds times this, so that the level in use, whose slowdown is
+    /// seen, does not look worse than the others only because theirs is not.
+    pub(super) speed_factor: Option<f64>,
     /// Encoding threads.
     pub(super) threads: f64,
     pub(super) block_bytes: f64,
@@ -77,22 +92,26 @@ impl KvSender<'_> {
         Ok(())
     }
 
-    /// Keeps [`PROBE_DEPTH`] probe writes of `bytes` each in flight until [`PROBE_SPAN`]
-    /// after the first completion or `max_bytes` posted; the delivery rate
-    /// ([`delivery_rate`]), bytes/s.
+    /// Keeps up to [`PROBE_DEPTH`] probe writes of `bytes` each in flight ([`probe_depth`])
+    /// until the delivery rate
+    /// has settled ([`PROBE_MIN_SPAN`], [`rate_settled`]), [`PROBE_MAX_SPAN`] after the first
+    /// completion, or `max_bytes` posted; the delivery rate ([`delivery_rate`]), bytes/s.
     fn probe_rate(&self, bytes: u64, max_bytes: u64) -> Result<f64> {
         let start = Instant::now();
         let deadline = start + self.opts.timeout;
         let (mut posted, mut done) = (0u64, 0u64);
-        // When each probe write completed, from `start`.
+        // When each probe write completed, from `start`, in order (writes complete in the
+        // order posted, and the pacer's end times increase).
         let mut times: Vec<Duration> = Vec::new();
         let mut wrs = Vec::new();
         loop {
             let stop = posted * bytes >= max_bytes
-                || times
-                    .first()
-                    .is_some_and(|&t| start.elapsed().saturating_sub(t) >= PROBE_SPAN);
-            while !stop && posted - done < PROBE_DEPTH as u64 {
+                || times.first().is_some_and(|&t| {
+                    let span = start.elapsed().saturating_sub(t);
+                    span >= PROBE_MAX_SPAN || (span >= PROBE_MIN_SPAN && rate_settled(&times))
+                });
+            let depth = probe_depth(&times, start.elapsed());
+            while !stop && posted - done < depth {
                 let Some(slot) = self.lock().free_slots.pop_front() else {
                     break;
                 };
@@ -205,12 +224,16 @@ impl KvSender<'_> {
             .costs
             .iter()
             .zip(live.ratios.iter().zip(&live.encode_seen))
-            .map(|(c, (r, e))| LevelCost {
-                ratio: r.unwrap_or(c.ratio),
-                encode_rate: e.map_or(c.encode_rate, |e| e * live.threads),
-                // A level that has encoded a block is set up (the ratio is seen from then on).
-                setup: if r.is_some() { 0.0 } else { c.setup },
-                ..*c
+            .map(|(c, (r, e))| {
+                let f = live.speed_factor.unwrap_or(1.0);
+                LevelCost {
+                    ratio: r.unwrap_or(c.ratio),
+                    encode_rate: e.map_or(c.encode_rate * f, |e| e * live.threads),
+                    // A level that has encoded a block is set up (the ratio is seen from then
+                    // on).
+                    setup: if r.is_some() { 0.0 } else { c.setup },
+                    ..*c
+                }
             })
             .collect();
         // Nothing measured (a probe-less start without an initial rate): assume a fast link.
@@ -253,14 +276,53 @@ impl KvSender<'_> {
             // A level's first block may have built the coder's model tables (tens of ms, once
             // per process): timing it would make the level look several times slower than it
             // is, and the policy would shun it. Its speed is left to the calibration.
-            if first {
+            //
+            // With the receiver on the same cores, an encode's wall time also counts the
+            // receiver's decoding, which the model prices as a stage of its own; its CPU time
+            // misses what sharing a core's memory system costs. The calibration, measured with
+            // every core busy, prices both, so it stands alone there.
+            if first || live.shared_cpu {
                 return;
             }
             let speed = live.block_bytes / took.as_secs_f64().max(1e-9);
             let slot = &mut live.encode_seen[index];
-            *slot = Some(slot.map_or(speed, |old| old + 0.2 * (speed - old)));
+            let seen = slot.map_or(speed, |old| old + 0.2 * (speed - old));
+            *slot = Some(seen);
+            let calibrated = live.costs[index].encode_rate / live.threads;
+            if calibrated > 0.0 {
+                let f = seen / calibrated;
+                live.speed_factor = Some(live.speed_factor.map_or(f, |old| old + 0.2 * (f - old)));
+            }
         }
     }
+}
+
+/// How many probe writes to keep in flight at `now` (from the first post), given the
+/// completions so far: as many as completed over the last [`PROBE_QUEUE`], from 2 to
+/// [`PROBE_DEPTH`].
+fn probe_depth(times: &[Duration], now: Duration) -> u64 {
+    let recent = times
+        .iter()
+        .rev()
+        .take_while(|&&t| now.saturating_sub(t) <= PROBE_QUEUE)
+        .count();
+    recent.clamp(2, PROBE_DEPTH) as u64
+}
+
+/// Whether completions at `times` (in order) come at one rate by now: the third and fourth
+/// quarters of the span from the first completion to the last hold about as many (within
+/// [`PROBE_AGREE`]), at least three each. A shaper's burst allowance makes the early part of
+/// the span faster until it is spent; the rate is taken over the second half.
+fn rate_settled(times: &[Duration]) -> bool {
+    let (Some(&first), Some(&last)) = (times.first(), times.last()) else {
+        return false;
+    };
+    let quarter = (last - first) / 4;
+    let count =
+        |from: Duration, to: Duration| times.iter().filter(|&&t| t > from && t <= to).count();
+    let third = count(first + quarter * 2, first + quarter * 3);
+    let fourth = count(first + quarter * 3, last);
+    third >= 3 && fourth >= 3 && (third as f64 - fourth as f64).abs() <= PROBE_AGREE * fourth as f64
 }
 
 /// The rate at which writes of `bytes` each completed at `times` (from the first post, in
@@ -329,6 +391,7 @@ pub(super) fn live_state(
         opts: p.clone(),
         ratios: vec![None; costs.len()],
         encode_seen: vec![None; costs.len()],
+        speed_factor: None,
         threads,
         costs,
         block_bytes: h.spec.byte_len() as f64 / total.max(1) as f64,
@@ -357,6 +420,36 @@ mod tests {
         times.extend((1..=8).map(|i| ms(burst_end + 0.5 * f64::from(i))));
         let r = delivery_rate(&times, 65536);
         assert!((r - 65536.0 / 0.0005).abs() < 1e6, "{r}");
+    }
+
+    #[test]
+    fn the_probe_keeps_about_a_millisecond_of_the_link_in_flight() {
+        assert_eq!(probe_depth(&[], ms(0.0)), 2);
+        // One completion per 1.75 ms (64 KiB at 0.3 Gbit/s): the minimum.
+        let slow: Vec<Duration> = (1..=5).map(|i| ms(1.75 * f64::from(i))).collect();
+        assert_eq!(probe_depth(&slow, ms(9.0)), 2);
+        // One per 0.17 ms (3 Gbit/s): about 6.
+        let mid: Vec<Duration> = (1..=30).map(|i| ms(0.17 * f64::from(i))).collect();
+        assert_eq!(probe_depth(&mid, ms(5.2)), 6);
+        // One per 0.05 ms: capped.
+        let fast: Vec<Duration> = (1..=60).map(|i| ms(0.05 * f64::from(i))).collect();
+        assert_eq!(probe_depth(&fast, ms(3.0)), PROBE_DEPTH as u64);
+    }
+
+    #[test]
+    fn the_probe_runs_on_while_a_burst_allowance_lasts() {
+        // Steady: settled once each late quarter holds enough completions.
+        let steady: Vec<Duration> = (1..=16).map(|i| ms(0.5 * f64::from(i))).collect();
+        assert!(rate_settled(&steady));
+        assert!(!rate_settled(&steady[..8]));
+        // A bucket passing 20 writes at 0.05 ms each, then one per 0.5 ms: not settled while
+        // the burst reaches into the second half, settled once it lies in the first.
+        let mut burst: Vec<Duration> = (1..=20).map(|i| ms(0.05 * f64::from(i))).collect();
+        burst.extend((1..=3).map(|i| ms(1.0 + 0.5 * f64::from(i))));
+        assert!(!rate_settled(&burst));
+        burst.extend((4..=16).map(|i| ms(1.0 + 0.5 * f64::from(i))));
+        assert!(rate_settled(&burst));
+        assert!(!rate_settled(&[]));
     }
 
     #[test]
