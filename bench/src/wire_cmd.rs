@@ -256,6 +256,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
             "first_link_gbps": p.first_rate as f64 * 8.0 / 1e9,
             "last_link_gbps": p.last_rate as f64 * 8.0 / 1e9,
             "rtt_us": p.rtt_ns as f64 / 1e3,
+            "wire_cpu_ns_per_byte": p.wire_cpu_ps as f64 / 1e3,
             "switches": p.switches,
             "shared_cpu": p.shared_cpu,
             "first_level": Level::from_code(p.first_level).map(|l| l.to_string()),
@@ -294,11 +295,12 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
         );
         if let Some(p) = st.policy {
             println!(
-                "policy: blocks per level {}; link estimate {:.3} Gbit/s at the first block, {:.3} at the last (probe round trip {:.0} µs); {} level switches",
+                "policy: blocks per level {}; link estimate {:.3} Gbit/s at the first block, {:.3} at the last (probe round trip {:.0} µs, transport CPU {:.2} ns per byte sent); {} level switches",
                 p.counts(),
                 p.first_rate as f64 * 8.0 / 1e9,
                 p.last_rate as f64 * 8.0 / 1e9,
                 p.rtt_ns as f64 / 1e3,
+                p.wire_cpu_ps as f64 / 1e3,
                 p.switches
             );
         }

@@ -117,6 +117,13 @@ pub trait Link: Send + Sync {
 
     /// Ends the connection, telling the peer why (`reason` is empty for an orderly close).
     fn close(&self, reason: &str);
+
+    /// CPU time this side has spent moving written bytes so far, and those bytes: what a
+    /// write costs the cores that also run the codec (the kernel's TCP stack, a copy). `None`
+    /// where the fabric does not measure it (RDMA moves bytes without the CPU).
+    fn send_cpu(&self) -> Option<(u64, Duration)> {
+        None
+    }
 }
 
 impl std::fmt::Debug for dyn Link {

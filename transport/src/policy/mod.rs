@@ -69,6 +69,9 @@ pub struct PolicySummary {
     pub last_rate: u64,
     /// Round trip measured by the probe, ns.
     pub rtt_ns: u64,
+    /// CPU time the transport spent per byte it sent during the probe, ps (0: not measured,
+    /// or a fabric that moves bytes without the CPU).
+    pub wire_cpu_ps: u64,
     /// Times the chosen level changed from one block to the next.
     pub switches: u32,
     /// [`Level::code`] of the first block's level.

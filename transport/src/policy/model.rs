@@ -11,6 +11,11 @@
 //! pace, the other two are paid once (filling the pipe before the slow stage, draining after
 //! it). e = block bytes / (encode bytes/s per core x sender threads), w = block bytes x ratio /
 //! link bytes/s, d = block bytes / receiver decode bytes/s (the receiver reports its total).
+//! Moving the encoded bytes also costs each end CPU (a TCP stack, a copy; nothing over RDMA):
+//! x = block bytes x ratio x [`PolicyInputs::wire_cpu`], on the same cores as the codec, so
+//! the sender's stage is e + x and the receiver's d + x; on one machine's cores, e + d + 2x.
+//! Where the link is the machine itself (two namespaces over veth) that term is what makes
+//! compressing cost more than it saves.
 //! The policy prices every candidate level as if the rest of the transfer used it and picks
 //! the cheapest; in deadline mode the best quality whose T fits the time left. A level not yet
 //! used in this process also pays its setup once (building its coder's tables), and the level
@@ -52,6 +57,10 @@ pub struct PolicyInputs<'a> {
     pub shared_cpu: bool,
     /// Index of the level the previous block used, if any.
     pub current: Option<usize>,
+    /// Seconds of each end's cores (all of them at once) that one wire byte costs to send or
+    /// receive, besides the codec: the transport's measured CPU time per byte over the
+    /// cores; 0 where it moves bytes without the CPU.
+    pub wire_cpu: f64,
 }
 
 /// How much cheaper (relative) another level must price to replace the one in use.
@@ -68,17 +77,30 @@ pub struct Choice {
     pub predicted: f64,
 }
 
-/// Predicted seconds for `n` blocks of `c` (the pipeline model above; with `shared_cpu` the
-/// stages are e + d and w).
-pub fn predict(c: &LevelCost, link_rate: f64, block_bytes: f64, n: u64, shared_cpu: bool) -> f64 {
+/// Predicted seconds for `n` blocks of `c` (the pipeline model above: stages e + x, w and
+/// d + x; with `shared_cpu`, e + d + 2x and w).
+pub fn predict(
+    c: &LevelCost,
+    link_rate: f64,
+    block_bytes: f64,
+    n: u64,
+    shared_cpu: bool,
+    wire_cpu: f64,
+) -> f64 {
     let pos = |r: f64| if r.is_finite() && r > 0.0 { r } else { 1.0 };
+    let wire_bytes = block_bytes * c.ratio.max(0.0);
     let e = block_bytes / pos(c.encode_rate);
-    let w = block_bytes * c.ratio.max(0.0) / pos(link_rate);
+    let w = wire_bytes / pos(link_rate);
     let d = block_bytes / pos(c.decode_rate);
-    let slow = if shared_cpu {
-        (e + d).max(w)
+    let x = if wire_cpu.is_finite() {
+        wire_bytes * wire_cpu.max(0.0)
     } else {
-        e.max(w).max(d)
+        0.0
+    };
+    let slow = if shared_cpu {
+        (e + d + 2.0 * x).max(w)
+    } else {
+        (e + x).max(w).max(d + x)
     };
     n as f64 * slow + (e + w + d - slow).max(0.0)
 }
@@ -93,12 +115,18 @@ pub fn choose(inp: &PolicyInputs<'_>) -> Option<Choice> {
         .map(|(index, c)| Choice {
             index,
             level: c.level,
-            predicted: predict(c, inp.link_rate, inp.block_bytes, n, inp.shared_cpu)
-                + if c.setup.is_finite() {
-                    c.setup.max(0.0)
-                } else {
-                    0.0
-                },
+            predicted: predict(
+                c,
+                inp.link_rate,
+                inp.block_bytes,
+                n,
+                inp.shared_cpu,
+                inp.wire_cpu,
+            ) + if c.setup.is_finite() {
+                c.setup.max(0.0)
+            } else {
+                0.0
+            },
         })
         .collect();
     let cheapest = priced
@@ -156,6 +184,7 @@ mod tests {
             time_left: deadline,
             shared_cpu: false,
             current: None,
+            wire_cpu: 0.0,
         })
         .unwrap()
         .level
@@ -206,6 +235,48 @@ mod tests {
     }
 
     #[test]
+    fn the_transports_cpu_tips_a_machine_bound_link_towards_raw() {
+        // Two namespaces on one 2-core machine, "link" 8 Gbit/s (the veth pair, as fast as
+        // the cores push it); q8 costs more codec time than it saves wire time once moving
+        // each byte is seen to cost the cores too.
+        let ls = [
+            LevelCost {
+                level: Level::Raw,
+                ratio: 1.0,
+                encode_rate: 12e9,
+                decode_rate: 8.8e9,
+                setup: 0.0,
+            },
+            LevelCost {
+                level: Level::Q8,
+                ratio: 0.5,
+                encode_rate: 1.9e9,
+                decode_rate: 2.8e9,
+                setup: 0.0,
+            },
+        ];
+        let pick = |link_gbit: f64, wire_cpu: f64| {
+            choose(&PolicyInputs {
+                levels: &ls,
+                link_rate: link_gbit * 1e9 / 8.0,
+                block_bytes: 196_608.0,
+                blocks_left: 480,
+                time_left: None,
+                shared_cpu: true,
+                current: None,
+                wire_cpu,
+            })
+            .unwrap()
+            .level
+        };
+        // 0.4 ns of CPU per byte sent (as measured over veth here), spread over 2 cores.
+        assert_eq!(pick(8.0, 0.0), Level::Q8);
+        assert_eq!(pick(8.0, 0.2e-9), Level::Raw);
+        // A real 3 Gbit/s link stays worth halving whatever the transport costs.
+        assert_eq!(pick(3.0, 0.2e-9), Level::Q8);
+    }
+
+    #[test]
     fn deadline_takes_the_best_quality_that_fits() {
         let ls = levels(4);
         // 480 blocks of 192 KiB = 94 MB; at 1 Gbit/s raw takes 0.75 s, q8 ~0.4 s,
@@ -227,17 +298,17 @@ mod tests {
             setup: 0.0,
         };
         // e = 1, w = 0.5 / 0.25 = 2, d = 0.25: 10 blocks -> 10 * 2 + 1.25.
-        assert!((predict(&c, 0.25, 1.0, 10, false) - 21.25).abs() < 1e-9);
+        assert!((predict(&c, 0.25, 1.0, 10, false, 0.0) - 21.25).abs() < 1e-9);
         // Sharing cores: encode + decode (1.25) is one stage, the wire (2) still the slowest.
-        assert!((predict(&c, 0.25, 1.0, 10, true) - 21.25).abs() < 1e-9);
-        assert!((predict(&c, 1.0, 1.0, 10, true) - 13.0).abs() < 1e-9);
+        assert!((predict(&c, 0.25, 1.0, 10, true, 0.0) - 21.25).abs() < 1e-9);
+        assert!((predict(&c, 1.0, 1.0, 10, true, 0.0) - 13.0).abs() < 1e-9);
         // Garbage rates do not produce NaN or a panic.
         let bad = LevelCost {
             encode_rate: f64::NAN,
             decode_rate: 0.0,
             ..c
         };
-        assert!(predict(&bad, -1.0, 1.0, 3, false).is_finite());
+        assert!(predict(&bad, -1.0, 1.0, 3, false, 0.0).is_finite());
         assert!(choose(&PolicyInputs {
             levels: &[],
             link_rate: 1.0,
@@ -246,6 +317,7 @@ mod tests {
             time_left: None,
             shared_cpu: false,
             current: None,
+            wire_cpu: 0.0,
         })
         .is_none());
     }
@@ -262,6 +334,7 @@ mod tests {
                 time_left: None,
                 shared_cpu: false,
                 current,
+                wire_cpu: 0.0,
             }
         }
         // 0.1 Gbit/s: cg-low is cheapest (the smallest output on a wire-bound link).
@@ -269,14 +342,14 @@ mod tests {
         // Its tables not built yet, and building them costs more than it would save over
         // cg-default (built): cg-default.
         let low = ls.len() - 1;
-        let gap = predict(&ls[low - 1], 0.1e9 / 8.0, 196_608.0, 480, false)
-            - predict(&ls[low], 0.1e9 / 8.0, 196_608.0, 480, false);
+        let gap = predict(&ls[low - 1], 0.1e9 / 8.0, 196_608.0, 480, false, 0.0)
+            - predict(&ls[low], 0.1e9 / 8.0, 196_608.0, 480, false, 0.0);
         ls[low].setup = gap * 2.0;
         assert_eq!(choose(&inputs(&ls, None)).unwrap().level, Level::CgDefault);
         // Built (setup 0), but cg-default in use and within HYSTERESIS of it: stays.
         ls[low].setup = 0.0;
-        let def = predict(&ls[low - 1], 0.1e9 / 8.0, 196_608.0, 480, false);
-        let lo = predict(&ls[low], 0.1e9 / 8.0, 196_608.0, 480, false);
+        let def = predict(&ls[low - 1], 0.1e9 / 8.0, 196_608.0, 480, false, 0.0);
+        let lo = predict(&ls[low], 0.1e9 / 8.0, 196_608.0, 480, false, 0.0);
         let c = choose(&inputs(&ls, Some(low - 1))).unwrap();
         if def <= lo * (1.0 + HYSTERESIS) {
             assert_eq!(c.level, Level::CgDefault);

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -60,6 +60,9 @@ pub(crate) struct Shared {
     /// Operations queued to writer threads and not yet written; an orderly close waits for
     /// them (a confirmation queued just before the close must still reach the peer).
     queued: AtomicUsize,
+    /// Payload bytes the writer threads have written, and the CPU time (ns) they spent on it.
+    sent_bytes: AtomicU64,
+    send_cpu_ns: AtomicU64,
     events: Mutex<Sender<Event>>,
     local_events: Mutex<VecDeque<Event>>,
     timeout: Duration,
@@ -229,6 +232,8 @@ impl SocketLink {
             sockets,
             control_write: Mutex::new(()),
             queued: AtomicUsize::new(0),
+            sent_bytes: AtomicU64::new(0),
+            send_cpu_ns: AtomicU64::new(0),
             events: Mutex::new(ev_tx),
             local_events: Mutex::new(VecDeque::new()),
             timeout,
@@ -436,6 +441,13 @@ impl Link for SocketLink {
         }
     }
 
+    fn send_cpu(&self) -> Option<(u64, Duration)> {
+        Some((
+            self.shared.sent_bytes.load(Ordering::Relaxed),
+            Duration::from_nanos(self.shared.send_cpu_ns.load(Ordering::Relaxed)),
+        ))
+    }
+
     fn close(&self, reason: &str) {
         let code = if reason.is_empty() {
             CloseCode::Normal
@@ -465,6 +477,15 @@ impl Drop for SocketLink {
     }
 }
 
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
 fn writer_loop(sh: &Shared, stream: usize, sock: &TcpStream, rx: &Receiver<OutOp>) {
     loop {
         let op = match rx.recv_timeout(Duration::from_millis(100)) {
@@ -491,10 +512,16 @@ fn writer_loop(sh: &Shared, stream: usize, sock: &TcpStream, rx: &Receiver<OutOp
                 .map_err(|e| TransportError::io("sending a frame", e)),
             OutOp::Write { hdr, wr_id, buf } => {
                 let head = hdr.to_bytes();
+                let cpu = thread_cpu();
                 let sent = match &buf {
                     SendBuf::Bytes(v) => write_all_vectored(sock, &head, v),
                     SendBuf::Region(s) => s.span().write_to_fd_after(sock, &head),
                 };
+                sh.send_cpu_ns.fetch_add(
+                    thread_cpu().saturating_sub(cpu).as_nanos() as u64,
+                    Ordering::Relaxed,
+                );
+                sh.sent_bytes.fetch_add(hdr.len, Ordering::Relaxed);
                 match sent {
                     Ok(()) => {
                         let done = sh.core().write_sent(hdr.id, Pending::Write(wr_id, buf));

@@ -23,13 +23,14 @@ const PROBE_DEPTH: usize = 8;
 /// link, where [`PROBE_DEPTH`] writes would queue for many ms ahead of the first block.
 const PROBE_QUEUE: Duration = Duration::from_millis(1);
 /// How long the rate probe keeps writing after its first write completed: at least
-/// [`PROBE_MIN_SPAN`], then until the rates over the two halves of the span agree within
-/// [`PROBE_AGREE`], at most [`PROBE_MAX_SPAN`]. A shaper's burst allowance (a token bucket)
+/// [`PROBE_MIN_SPAN`], then until the rates over its last two quarters agree within
+/// [`PROBE_AGREE`] (loose: on a busy machine completions come in clumps), at most
+/// [`PROBE_MAX_SPAN`]. A shaper's burst allowance (a token bucket)
 /// passes the first bytes at any speed; a bucket of a few ms at the rate takes that long and
 /// more to drain, and the rate is taken over the second half only.
 const PROBE_MIN_SPAN: Duration = Duration::from_millis(2);
 const PROBE_MAX_SPAN: Duration = Duration::from_millis(10);
-const PROBE_AGREE: f64 = 0.25;
+const PROBE_AGREE: f64 = 0.5;
 /// At most how many bytes the probe sends ...
 const PROBE_MAX_BYTES: u64 = 8 << 20;
 /// ... and at most this fraction of the cache's own size, so that probing a fast link costs
@@ -60,6 +61,11 @@ pub(super) struct Live {
     pub(super) summary: PolicySummary,
     /// The receiver runs on this machine.
     pub(super) shared_cpu: bool,
+    /// Cores of this machine (the transport's CPU time spreads over them as the codec's does).
+    pub(super) cores: f64,
+    /// The transport's CPU seconds per byte sent, measured by the probe (0 until then, and
+    /// where the fabric does not report it); the receiver is taken to pay the same.
+    pub(super) wire_cpu: f64,
 }
 
 impl KvSender<'_> {
@@ -81,14 +87,29 @@ impl KvSender<'_> {
             .min(share / PROBE_DEPTH as u64)
             .max(4096);
         let max_bytes = PROBE_MAX_BYTES.min(share).max(PROBE_DEPTH as u64 * write);
+        let cpu_before = self.conn.send_cpu();
         let rate = self.probe_rate(write, max_bytes)?;
+        // What sending the probe's bytes cost the transport's threads, per byte.
+        let wire_cpu = match (cpu_before, self.conn.send_cpu()) {
+            (Some((b0, c0)), Some((b1, c1))) if b1 > b0 => {
+                c1.saturating_sub(c0).as_secs_f64() / (b1 - b0) as f64
+            }
+            _ => 0.0,
+        };
         let mut p = self.lock();
         p.rate.set_rtt(rtt);
         p.rate.set_rate(rate);
         if let Some(l) = &mut p.live {
             l.summary.rtt_ns = rtt.as_nanos() as u64;
+            l.summary.wire_cpu_ps = (wire_cpu * 1e12) as u64;
+            l.wire_cpu = wire_cpu;
         }
-        tracing::debug!(rtt_us = rtt.as_micros() as u64, rate, "link probe");
+        tracing::debug!(
+            rtt_us = rtt.as_micros() as u64,
+            rate,
+            wire_cpu_ns_per_byte = wire_cpu * 1e9,
+            "link probe"
+        );
         Ok(())
     }
 
@@ -246,6 +267,7 @@ impl KvSender<'_> {
             time_left: live.opts.deadline.map(|d| d.as_secs_f64() - elapsed),
             shared_cpu: live.shared_cpu,
             current: live.last,
+            wire_cpu: live.wire_cpu / live.cores,
         })
         .expect("at least one candidate");
         if live.decided == 0 {
@@ -400,6 +422,8 @@ pub(super) fn live_state(
         last: None,
         summary: PolicySummary::default(),
         shared_cpu: false,
+        cores: cal.cores.max(1) as f64,
+        wire_cpu: 0.0,
     }
 }
 
