@@ -241,22 +241,7 @@ impl KvSender<'_> {
         let Some(live) = &mut p.live else {
             return 0;
         };
-        let costs: Vec<LevelCost> = live
-            .costs
-            .iter()
-            .zip(live.ratios.iter().zip(&live.encode_seen))
-            .map(|(c, (r, e))| {
-                let f = live.speed_factor.unwrap_or(1.0);
-                LevelCost {
-                    ratio: r.unwrap_or(c.ratio),
-                    encode_rate: e.map_or(c.encode_rate * f, |e| e * live.threads),
-                    // A level that has encoded a block is set up (the ratio is seen from then
-                    // on).
-                    setup: if r.is_some() { 0.0 } else { c.setup },
-                    ..*c
-                }
-            })
-            .collect();
+        let costs = live.costs_now();
         // Nothing measured (a probe-less start without an initial rate): assume a fast link.
         let link_rate = rate.unwrap_or(f64::MAX / 4.0);
         let choice = policy::choose(&PolicyInputs {
@@ -287,34 +272,59 @@ impl KvSender<'_> {
         choice.index
     }
 
-    /// Records an encoded block's size and encode time for its level's observed ratio and
-    /// speed.
+    /// Records an encoded block's size and encode time ([`Live::observe`]).
     pub(super) fn observe(&self, index: usize, encoded: usize, took: Duration) {
         if let Some(live) = &mut self.lock().live {
-            let r = encoded as f64 / live.block_bytes.max(1.0);
-            let slot = &mut live.ratios[index];
-            let first = slot.is_none();
-            *slot = Some(slot.map_or(r, |old| old + 0.2 * (r - old)));
-            // A level's first block may have built the coder's model tables (tens of ms, once
-            // per process): timing it would make the level look several times slower than it
-            // is, and the policy would shun it. Its speed is left to the calibration.
-            //
-            // With the receiver on the same cores, an encode's wall time also counts the
-            // receiver's decoding, which the model prices as a stage of its own; its CPU time
-            // misses what sharing a core's memory system costs. The calibration, measured with
-            // every core busy, prices both, so it stands alone there.
-            if first || live.shared_cpu {
-                return;
-            }
-            let speed = live.block_bytes / took.as_secs_f64().max(1e-9);
-            let slot = &mut live.encode_seen[index];
-            let seen = slot.map_or(speed, |old| old + 0.2 * (speed - old));
-            *slot = Some(seen);
-            let calibrated = live.costs[index].encode_rate / live.threads;
-            if calibrated > 0.0 {
-                let f = seen / calibrated;
-                live.speed_factor = Some(live.speed_factor.map_or(f, |old| old + 0.2 * (f - old)));
-            }
+            live.observe(index, encoded, took);
+        }
+    }
+}
+
+impl Live {
+    /// The candidates as priced now: observed ratios and encode speeds where blocks of the
+    /// level have been seen, the calibration (scaled by [`Live::speed_factor`]) elsewhere, and
+    /// no setup for a level in use.
+    pub(super) fn costs_now(&self) -> Vec<LevelCost> {
+        let f = self.speed_factor.unwrap_or(1.0);
+        self.costs
+            .iter()
+            .zip(self.ratios.iter().zip(&self.encode_seen))
+            .map(|(c, (r, e))| LevelCost {
+                ratio: r.unwrap_or(c.ratio),
+                encode_rate: e.map_or(c.encode_rate * f, |e| e * self.threads),
+                // A level that has encoded a block is set up (the ratio is seen from then on).
+                setup: if r.is_some() { 0.0 } else { c.setup },
+                ..*c
+            })
+            .collect()
+    }
+
+    /// Records an encoded block's size and encode time for its level's observed ratio and
+    /// speed.
+    pub(super) fn observe(&mut self, index: usize, encoded: usize, took: Duration) {
+        let r = encoded as f64 / self.block_bytes.max(1.0);
+        let slot = &mut self.ratios[index];
+        let first = slot.is_none();
+        *slot = Some(slot.map_or(r, |old| old + 0.2 * (r - old)));
+        // A level's first block may have built the coder's model tables (tens of ms, once
+        // per process): timing it would make the level look several times slower than it
+        // is, and the policy would shun it. Its speed is left to the calibration.
+        //
+        // With the receiver on the same cores, an encode's wall time also counts the
+        // receiver's decoding, which the model prices as a stage of its own; its CPU time
+        // misses what sharing a core's memory system costs. The calibration, measured with
+        // every core busy, prices both, so it stands alone there.
+        if first || self.shared_cpu {
+            return;
+        }
+        let speed = self.block_bytes / took.as_secs_f64().max(1e-9);
+        let slot = &mut self.encode_seen[index];
+        let seen = slot.map_or(speed, |old| old + 0.2 * (speed - old));
+        *slot = Some(seen);
+        let calibrated = self.costs[index].encode_rate / self.threads;
+        if calibrated > 0.0 {
+            let f = seen / calibrated;
+            self.speed_factor = Some(self.speed_factor.map_or(f, |old| old + 0.2 * (f - old)));
         }
     }
 }
@@ -433,6 +443,62 @@ mod tests {
 
     fn ms(v: f64) -> Duration {
         Duration::from_secs_f64(v / 1000.0)
+    }
+
+    /// A live state of q8 and cg-low at 1 and 0.25 GB/s of encode per thread, 2 threads.
+    fn live(shared_cpu: bool) -> Live {
+        let cost = |level, ratio, encode_rate| LevelCost {
+            level,
+            ratio,
+            encode_rate,
+            decode_rate: 4e9,
+            setup: 0.01,
+        };
+        Live {
+            opts: PolicyOptions::default(),
+            costs: vec![
+                cost(kvwire_codec::Level::Q8, 0.5, 2e9),
+                cost(kvwire_codec::Level::CgLow, 0.12, 0.5e9),
+            ],
+            ratios: vec![None; 2],
+            encode_seen: vec![None; 2],
+            speed_factor: None,
+            threads: 2.0,
+            block_bytes: 1e6,
+            total: 100,
+            decided: 0,
+            last: None,
+            summary: PolicySummary::default(),
+            shared_cpu,
+            cores: 2.0,
+            wire_cpu: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_slowdown_seen_on_one_level_is_assumed_of_the_others() {
+        let mut l = live(false);
+        // q8's first block (tables, not timed), then blocks at half its calibrated speed.
+        l.observe(0, 400_000, Duration::from_millis(100));
+        assert_eq!(l.costs_now()[0].encode_rate, 2e9);
+        for _ in 0..30 {
+            l.observe(0, 500_000, Duration::from_millis(2));
+        }
+        let c = l.costs_now();
+        assert!((c[0].encode_rate - 1e9).abs() < 1e7, "{}", c[0].encode_rate);
+        assert!(
+            (c[1].encode_rate - 0.25e9).abs() < 1e7,
+            "{}",
+            c[1].encode_rate
+        );
+        // The seen ratio replaces the calibrated one; a level in use has no setup left.
+        assert!((c[0].ratio - 0.5).abs() < 0.02 && c[0].setup == 0.0 && c[1].setup > 0.0);
+        // Sharing the receiver's cores, wall time is not the encoder's: speeds stay calibrated.
+        let mut l = live(true);
+        for _ in 0..30 {
+            l.observe(0, 500_000, Duration::from_millis(2));
+        }
+        assert_eq!(l.costs_now()[1].encode_rate, 0.5e9);
     }
 
     #[test]
