@@ -183,13 +183,20 @@ impl ModelSet {
 
     /// The shared model set of `half_width`, built on first use.
     pub fn get(half_width: u32) -> Arc<Self> {
-        // One cell per width: building one width (tens of ms) never holds up users of another.
-        static SETS: [OnceLock<Arc<ModelSet>>; 64] = [const { OnceLock::new() }; 64];
         SETS[half_width as usize]
             .get_or_init(|| Arc::new(Self::build(half_width)))
             .clone()
     }
+
+    /// Whether the model set of `half_width` is built (in this process).
+    pub fn is_built(half_width: u32) -> bool {
+        SETS.get(half_width as usize)
+            .is_some_and(|c| c.get().is_some())
+    }
 }
+
+/// One cell per width: building one width (tens of ms) never holds up users of another.
+static SETS: [OnceLock<Arc<ModelSet>>; 64] = [const { OnceLock::new() }; 64];
 
 /// Unnormalized bin masses of one member.
 fn probabilities(half_width: u32, shape: usize, b: f64, c: f64) -> Vec<f64> {

@@ -84,6 +84,18 @@ impl Header {
         }
     }
 
+    /// Whether [`Self::prepare_models`] has nothing left to build (always, for the levels
+    /// without model tables).
+    pub fn models_ready(&self) -> bool {
+        if !matches!(self.level, Level::CgHigh | Level::CgDefault | Level::CgLow) {
+            return true;
+        }
+        self.bins_k.iter().chain(&self.bins_v).all(|&b| {
+            let w = crate::quant::alphabet(bins_of_byte(b)) - 1;
+            !(1..64).contains(&w) || crate::model::ModelSet::is_built(w)
+        })
+    }
+
     /// Appends the header to `out`.
     pub fn write(&self, out: &mut Vec<u8>) {
         let start = out.len();

@@ -8,7 +8,7 @@
 //! | 4 | `Complete` | blocks decoded u32, receiver's first-block-to-last-decode time in ns u64 |
 //! | 5 | `Abort` | UTF-8 reason |
 //! | 6 | `BeginLevels` | count u8 (1..=8), then per candidate level: length u32 + codec header; each block then starts with a one-byte index into this list |
-//! | 7 | `ReadyRates` | as `Ready`, then host id u64 (0: unknown; equal ids: both ends share one machine's cores), then count u8 (0..=16) of (level code u8, decode bytes/s u64): the receiver's measured decode speed over all its threads |
+//! | 7 | `ReadyRates` | as `Ready`, then host id u64 (0: unknown; equal ids: both ends share one machine's cores), then count u8 (0..=16) of (level code u8, decode bytes/s u64): the receiver's measured decode speed over all its threads; the code's top bit ([`TABLES_READY`]) says the level's model tables are already built there |
 //!
 //! Every message starts with the byte `S` and the tag; parsing checks each length against
 //! the bytes present and the limits here.
@@ -23,6 +23,10 @@ pub const MAX_SLOTS: u16 = 256;
 pub const MAX_REASON: usize = 1024;
 /// Most candidate levels a `BeginLevels` announces.
 pub const MAX_LEVELS: usize = 8;
+/// Set in a `ReadyRates` level code: the receiver has that level's model tables built (a
+/// first block of it costs no setup there). Level codes stay below it.
+pub const TABLES_READY: u8 = 0x80;
+
 /// Most decode rates a `ReadyRates` reports.
 pub const MAX_RATES: usize = 16;
 
@@ -348,7 +352,7 @@ mod tests {
                 slot_size: 99,
                 slots: 4,
                 host: 7,
-                decode_rates: vec![(0, 1 << 40), (4, 250_000_000)],
+                decode_rates: vec![(0, 1 << 40), (4 | TABLES_READY, 250_000_000)],
             },
         ] {
             assert_eq!(SessionMsg::from_bytes(&m.to_bytes()).unwrap(), m);

@@ -322,7 +322,9 @@ fn is_probe(n: &Notification) -> bool {
 }
 
 /// This machine's decode speed per level of the transfer over `threads` threads, from the
-/// cached calibration (measured once if missing); none if calibration fails.
+/// cached calibration (measured once if missing), each code marked
+/// [`TABLES_READY`](super::super::msg::TABLES_READY) where the level's tables are built; none
+/// if calibration fails.
 pub(super) fn decode_rates(decoders: &[Decoder], threads: usize) -> Vec<(u8, u64)> {
     let cal = match crate::policy::Calibration::cached() {
         Ok(c) => c,
@@ -336,8 +338,13 @@ pub(super) fn decode_rates(decoders: &[Decoder], threads: usize) -> Vec<(u8, u64
         .iter()
         .filter_map(|d| {
             let level = d.header().level;
+            let ready = if d.header().models_ready() {
+                super::super::msg::TABLES_READY
+            } else {
+                0
+            };
             cal.get(level)
-                .map(|s| (level.code(), (s.decode_rate * threads) as u64))
+                .map(|s| (level.code() | ready, (s.decode_rate * threads) as u64))
         })
         .collect()
 }

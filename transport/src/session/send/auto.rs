@@ -10,8 +10,10 @@ use kvwire_codec::Encoder;
 use super::{KvSender, SendOptions};
 use crate::error::{Result, TransportError};
 use crate::link::{Event, SendBuf};
+#[cfg(test)]
+use crate::policy::LevelSpeed;
 use crate::policy::{self, Calibration, LevelCost, PolicyInputs, PolicyOptions, PolicySummary};
-use crate::session::msg::BlockImm;
+use crate::session::msg::{BlockImm, TABLES_READY};
 
 /// Immediate of a probe write (layer 4095, chunk 4095; policy transfers name fewer layers).
 const PROBE_IMM_LAYER: u32 = 0xfff;
@@ -37,7 +39,7 @@ const PROBE_PREPARE_AFTER: Duration = Duration::from_millis(1);
 const PROBE_MAX_BYTES: u64 = 8 << 20;
 /// ... and at most this fraction of the cache's own size, so that probing a fast link costs
 /// a small transfer no more than a few percent.
-const PROBE_MAX_SHARE: u64 = 16;
+const PROBE_MAX_SHARE: u64 = 32;
 
 /// The policy's live state.
 pub(super) struct Live {
@@ -425,8 +427,9 @@ fn delivery_rate(times: &[Duration], bytes: u64) -> f64 {
 }
 
 /// The policy's starting state: per candidate, this machine's encode speed times the threads
-/// used, the receiver's reported decode speed (this machine's when it reported none), and the
-/// sample's ratio until blocks of the level have been seen.
+/// used, the receiver's reported decode speed (this machine's when it reported none), the
+/// sample's ratio until blocks of the level have been seen, and the calibrated table build
+/// once for each end that has not built the level's tables yet.
 pub(super) fn live_state(
     p: &PolicyOptions,
     cal: &Calibration,
@@ -443,19 +446,20 @@ pub(super) fn live_state(
         .map(|e| {
             let level = e.header().level;
             let speed = cal.get(level);
-            let reported = decode_rates
+            let report = decode_rates
                 .iter()
-                .find(|(c, _)| *c == level.code())
-                .map(|&(_, r)| r as f64)
-                .filter(|r| *r > 0.0);
+                .find(|(c, _)| c & !TABLES_READY == level.code());
+            let reported = report.map(|&(_, r)| r as f64).filter(|r| *r > 0.0);
+            // Each end not yet holding the level's tables builds them on its first block.
+            let unready = u8::from(!e.header().models_ready())
+                + u8::from(report.is_none_or(|(c, _)| c & TABLES_READY == 0));
             LevelCost {
                 level,
                 ratio: speed.map_or(1.0, |s| s.ratio),
                 encode_rate: speed.map_or(1e9, |s| s.encode_rate) * threads,
                 decode_rate: reported
                     .unwrap_or_else(|| speed.map_or(1e9, |s| s.decode_rate) * cal.cores as f64),
-                // Both ends build the level's tables on its first block.
-                setup: 2.0 * speed.map_or(0.0, |s| s.setup),
+                setup: f64::from(unready) * speed.map_or(0.0, |s| s.setup),
             }
         })
         .collect();
@@ -483,6 +487,7 @@ pub(super) fn live_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::LevelSpeed;
 
     fn ms(v: f64) -> Duration {
         Duration::from_secs_f64(v / 1000.0)
@@ -516,6 +521,47 @@ mod tests {
             cores: 2.0,
             wire_cpu: 0.0,
         }
+    }
+
+    #[test]
+    fn setup_is_priced_once_per_end_without_the_tables() {
+        use kvwire_codec::{DType, EncodeOptions, KvShape, KvSpec, Layout, Level};
+        let spec = KvSpec {
+            shape: KvShape::new(2, 2, 512, 64),
+            layout: Layout::Hf,
+            dtype: DType::F16,
+        };
+        let encoders: Vec<Encoder> = [Level::Raw, Level::CgLow]
+            .iter()
+            .map(|&l| Encoder::new(spec, &EncodeOptions::level(l)).unwrap())
+            .collect();
+        let speed = |level, setup| LevelSpeed {
+            level,
+            ratio: 0.5,
+            encode_rate: 1e9,
+            decode_rate: 1e9,
+            setup,
+        };
+        let cal = Calibration {
+            key: String::new(),
+            levels: vec![speed(Level::Raw, 0.0), speed(Level::CgLow, 0.01)],
+            cores: 2,
+        };
+        let opts = SendOptions::new(EncodeOptions::level(Level::Raw));
+        let setup = |rates: &[(u8, u64)]| {
+            live_state(&PolicyOptions::default(), &cal, &encoders, rates, &opts).costs[1].setup
+        };
+        // Built here (this process), and the receiver says built there: nothing to pay.
+        encoders[1].header().prepare_models();
+        let ready = [(Level::CgLow.code() | TABLES_READY, 1_000_000_000)];
+        assert_eq!(setup(&ready), 0.0);
+        // A receiver without them (or one that does not say) builds them on its first block.
+        assert_eq!(setup(&[(Level::CgLow.code(), 1_000_000_000)]), 0.01);
+        assert_eq!(setup(&[]), 0.01);
+        // The reported decode speed is found under the marked code.
+        let l = live_state(&PolicyOptions::default(), &cal, &encoders, &ready, &opts);
+        assert_eq!(l.costs[1].decode_rate, 1e9);
+        assert_eq!(l.costs[0].setup, 0.0);
     }
 
     #[test]
