@@ -10,8 +10,6 @@ use kvwire_codec::Encoder;
 use super::{KvSender, SendOptions};
 use crate::error::{Result, TransportError};
 use crate::link::{Event, SendBuf};
-#[cfg(test)]
-use crate::policy::LevelSpeed;
 use crate::policy::{self, Calibration, LevelCost, PolicyInputs, PolicyOptions, PolicySummary};
 use crate::session::msg::{BlockImm, TABLES_READY};
 
