@@ -1,5 +1,6 @@
 //! This machine's codec speeds per level, measured on the embedded real KV sample (256 tokens
-//! of SmolLM2-135M) on one thread, and cached in `$XDG_CACHE_HOME/kvwire/calibration-v1`
+//! of SmolLM2-135M) with one thread per core at once, and cached in
+//! `$XDG_CACHE_HOME/kvwire/calibration-v1`
 //! (or `~/.cache/kvwire/`). The cache is keyed by the CPU (model name and core count from
 //! `/proc/cpuinfo`) and the build (a hash of the running executable's path, size and mtime
 //! plus this crate's version); a different key measures again.
@@ -22,16 +23,16 @@ static ONCE: OnceLock<Calibration> = OnceLock::new();
 /// Largest cache file read back.
 const MAX_FILE: u64 = 16 * 1024;
 
-/// One level's measured speeds on one thread.
+/// One level's measured speeds per thread, with a thread on every core.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LevelSpeed {
     /// The level.
     pub level: Level,
     /// Encoded bytes per input byte on the sample.
     pub ratio: f64,
-    /// Input bytes/s encoded by one thread.
+    /// Input bytes/s encoded by one thread while every core encodes.
     pub encode_rate: f64,
-    /// Input bytes/s decoded by one thread.
+    /// Input bytes/s decoded (into a fresh cache) by one thread while every core decodes.
     pub decode_rate: f64,
     /// Seconds the level's first use in a process costs before its first block: building
     /// its coder's model tables (0 for levels without them).

@@ -2,10 +2,11 @@
 //!
 //! - [`model`]: the pure decision — inputs (link rate, codec speeds on both sides, output
 //!   ratio per level, blocks left, quality floor, deadline) -> level. No clock, no IO.
-//! - [`rate`]: the link-rate estimator (an EWMA of completed writes over the time the link was
-//!   busy, corrected for the round trip each idle-to-busy period pays) and the send pacer.
-//! - [`calib`]: this machine's encode/decode throughput per level, measured on the embedded
-//!   real KV sample and cached under the user's cache dir.
+//! - [`rate`]: the link-rate estimator (windows of completed writes over the time the link was
+//!   busy, corrected for the round trip each idle-to-busy period pays; the estimate is the
+//!   second highest of the last five) and the send pacer.
+//! - [`calib`]: this machine's encode/decode throughput per level with every core busy,
+//!   measured on the embedded real KV sample and cached under the user's cache dir.
 
 pub mod calib;
 pub mod model;
