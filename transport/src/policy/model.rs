@@ -63,8 +63,10 @@ pub struct PolicyInputs<'a> {
     pub wire_cpu: f64,
 }
 
-/// How much cheaper (relative) another level must price to replace the one in use.
-pub const HYSTERESIS: f64 = 0.03;
+/// How much cheaper (relative) another level must price to replace the one in use: more
+/// than the link estimate and the codec speeds move by from one window to the next on a
+/// busy machine, so that near-equal levels do not alternate with them.
+pub const HYSTERESIS: f64 = 0.1;
 
 /// A decision and why.
 #[derive(Debug, Clone, Copy, PartialEq)]
