@@ -31,8 +31,6 @@ const PROBE_QUEUE: Duration = Duration::from_millis(1);
 const PROBE_MIN_SPAN: Duration = Duration::from_millis(2);
 const PROBE_MAX_SPAN: Duration = Duration::from_millis(10);
 const PROBE_AGREE: f64 = 0.5;
-/// How far into the probe its reading so far picks a level whose tables to build meanwhile.
-const PROBE_PREPARE_AFTER: Duration = Duration::from_millis(1);
 /// At most how many bytes the probe sends ...
 const PROBE_MAX_BYTES: u64 = 8 << 20;
 /// ... and at most this fraction of the cache's own size, so that probing a fast link costs
@@ -127,7 +125,6 @@ impl KvSender<'_> {
         // order posted, and the pacer's end times increase).
         let mut times: Vec<Duration> = Vec::new();
         let mut wrs = Vec::new();
-        let mut prepared = false;
         loop {
             let stop = posted * bytes >= max_bytes
                 || times.first().is_some_and(|&t| {
@@ -156,13 +153,6 @@ impl KvSender<'_> {
                             // this completion may be read late: the posting loop sleeps in
                             // the pacer).
                             times.push(paced.unwrap_or_else(Instant::now) - start);
-                            if !prepared
-                                && times.len() >= 4
-                                && times[times.len() - 1] - times[0] >= PROBE_PREPARE_AFTER
-                            {
-                                prepared = true;
-                                self.prepare_likely_level(delivery_rate(&times, bytes));
-                            }
                         }
                     }
                     self.on_event(ev)?;
@@ -172,39 +162,6 @@ impl KvSender<'_> {
         }
         times.sort_unstable();
         Ok(delivery_rate(&times, bytes))
-    }
-
-    /// Starts building, in the background, the model tables of the level the policy would
-    /// pick at `rate` (the probe's reading so far), if it needs any: on a slow link the
-    /// probe leaves the cores idle for milliseconds, and the first block of a compressed
-    /// level would otherwise wait for its tables. A fast link's probe reads a fast rate and
-    /// builds nothing (a shaper's burst allowance only makes a link look faster).
-    fn prepare_likely_level(&self, rate: f64) {
-        let p = self.lock();
-        let Some(live) = &p.live else {
-            return;
-        };
-        let costs = live.costs_now();
-        let Some(choice) = policy::choose(&PolicyInputs {
-            levels: &costs,
-            link_rate: rate,
-            block_bytes: live.block_bytes,
-            blocks_left: live.total,
-            time_left: None,
-            shared_cpu: live.shared_cpu,
-            current: None,
-            wire_cpu: 0.0,
-        }) else {
-            return;
-        };
-        drop(p);
-        if costs[choice.index].setup > 0.0 {
-            tracing::debug!(level = %choice.level, rate, "probe: building the likely level's tables");
-            let header = self.encoders[choice.index].header().clone();
-            let _ = thread::Builder::new()
-                .name("kvwire-tables".into())
-                .spawn(move || header.prepare_models());
-        }
     }
 
     /// Posts one probe write of `bytes` into `slot`; its work-request id, and when the pacer
