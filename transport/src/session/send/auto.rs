@@ -24,13 +24,15 @@ const PROBE_DEPTH: usize = 8;
 const PROBE_QUEUE: Duration = Duration::from_millis(1);
 /// How long the rate probe keeps writing after its first write completed: at least
 /// [`PROBE_MIN_SPAN`], then until the rates over its last two quarters agree within
-/// [`PROBE_AGREE`] (loose: on a busy machine completions come in clumps), at most
-/// [`PROBE_MAX_SPAN`]. A shaper's burst allowance (a token bucket)
-/// passes the first bytes at any speed; a bucket of a few ms at the rate takes that long and
-/// more to drain, and the rate is taken over the second half only.
+/// [`PROBE_AGREE`] (or, past [`PROBE_LOOSE_SPAN`], within [`PROBE_AGREE_LOOSE`]: on a busy
+/// machine completions come in clumps), at most [`PROBE_MAX_SPAN`]. A shaper's burst
+/// allowance (a token bucket) passes the first bytes at any speed; a bucket of a few ms at the
+/// rate takes that long and more to drain, and the rate is taken over the second half only.
 const PROBE_MIN_SPAN: Duration = Duration::from_millis(2);
+const PROBE_LOOSE_SPAN: Duration = Duration::from_millis(4);
 const PROBE_MAX_SPAN: Duration = Duration::from_millis(10);
-const PROBE_AGREE: f64 = 0.5;
+const PROBE_AGREE: f64 = 0.25;
+const PROBE_AGREE_LOOSE: f64 = 0.5;
 /// At most how many bytes the probe sends ...
 const PROBE_MAX_BYTES: u64 = 8 << 20;
 /// ... and at most this fraction of the cache's own size, so that probing a fast link costs
@@ -129,7 +131,9 @@ impl KvSender<'_> {
             let stop = posted * bytes >= max_bytes
                 || times.first().is_some_and(|&t| {
                     let span = start.elapsed().saturating_sub(t);
-                    span >= PROBE_MAX_SPAN || (span >= PROBE_MIN_SPAN && rate_settled(&times))
+                    span >= PROBE_MAX_SPAN
+                        || (span >= PROBE_MIN_SPAN && rate_settled(&times, PROBE_AGREE))
+                        || (span >= PROBE_LOOSE_SPAN && rate_settled(&times, PROBE_AGREE_LOOSE))
                 });
             let depth = probe_depth(&times, start.elapsed());
             while !stop && posted - done < depth {
@@ -343,9 +347,9 @@ fn probe_depth(times: &[Duration], now: Duration) -> u64 {
 
 /// Whether completions at `times` (in order) come at one rate by now: the third and fourth
 /// quarters of the span from the first completion to the last hold about as many (within
-/// [`PROBE_AGREE`]), at least three each. A shaper's burst allowance makes the early part of
+/// `agree`), at least three each. A shaper's burst allowance makes the early part of
 /// the span faster until it is spent; the rate is taken over the second half.
-fn rate_settled(times: &[Duration]) -> bool {
+fn rate_settled(times: &[Duration], agree: f64) -> bool {
     let (Some(&first), Some(&last)) = (times.first(), times.last()) else {
         return false;
     };
@@ -354,7 +358,7 @@ fn rate_settled(times: &[Duration]) -> bool {
         |from: Duration, to: Duration| times.iter().filter(|&&t| t > from && t <= to).count();
     let third = count(first + quarter * 2, first + quarter * 3);
     let fourth = count(first + quarter * 3, last);
-    third >= 3 && fourth >= 3 && (third as f64 - fourth as f64).abs() <= PROBE_AGREE * fourth as f64
+    third >= 3 && fourth >= 3 && (third as f64 - fourth as f64).abs() <= agree * fourth as f64
 }
 
 /// The rate at which writes of `bytes` each completed at `times` (from the first post, in
@@ -574,16 +578,16 @@ mod tests {
     fn the_probe_runs_on_while_a_burst_allowance_lasts() {
         // Steady: settled once each late quarter holds enough completions.
         let steady: Vec<Duration> = (1..=16).map(|i| ms(0.5 * f64::from(i))).collect();
-        assert!(rate_settled(&steady));
-        assert!(!rate_settled(&steady[..8]));
+        assert!(rate_settled(&steady, PROBE_AGREE));
+        assert!(!rate_settled(&steady[..8], PROBE_AGREE));
         // A bucket passing 20 writes at 0.05 ms each, then one per 0.5 ms: not settled while
         // the burst reaches into the second half, settled once it lies in the first.
         let mut burst: Vec<Duration> = (1..=20).map(|i| ms(0.05 * f64::from(i))).collect();
         burst.extend((1..=3).map(|i| ms(1.0 + 0.5 * f64::from(i))));
-        assert!(!rate_settled(&burst));
+        assert!(!rate_settled(&burst, PROBE_AGREE));
         burst.extend((4..=16).map(|i| ms(1.0 + 0.5 * f64::from(i))));
-        assert!(rate_settled(&burst));
-        assert!(!rate_settled(&[]));
+        assert!(rate_settled(&burst, PROBE_AGREE));
+        assert!(!rate_settled(&[], PROBE_AGREE));
     }
 
     #[test]
