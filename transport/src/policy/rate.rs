@@ -10,14 +10,13 @@
 //! stands). Each idle-to-busy transition that is counted pays one round trip, so a window's
 //! rate is bytes / (busy - periods x rtt). The estimate is the second highest of the last
 //! [`RateEstimator::SAMPLES`] windows of at least [`RateEstimator::WINDOW`] busy time each
-//! (of fewer, the median; of two, their mean). A window is a lower bound on what the link
+//! (the highest while there are three or fewer). A window is a lower bound on what the link
 //! can carry: when the cores are busy (the codec, or the peer itself on the same machine),
 //! the peer's reader thread waits for one and a window reads far below the link's rate, and
 //! several in a row can. A token bucket's burst after an idle spell reads above it, but the
 //! bucket empties in the first window that follows, so one outlier above is all there is.
-//! The connect-time probe counts as the first window (a probe that a burst allowance still
-//! inflated is outvoted by the next two). A rate that drops (another flow, a lowered `tc`
-//! rate) moves the estimate once four of five windows see it.
+//! The connect-time probe counts as the first window. A rate that drops (another flow, a
+//! lowered `tc` rate) moves the estimate once four of five windows see it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -96,12 +95,8 @@ impl RateEstimator {
         let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
         sorted.sort_by(f64::total_cmp);
         let n = sorted.len();
-        self.rate = Some(match n {
-            1 => sorted[0],
-            2 => (sorted[0] + sorted[1]) / 2.0,
-            3 => sorted[1],
-            _ => sorted[n - 2],
-        });
+        // The highest of up to three, the second highest of four or five.
+        self.rate = Some(sorted[if n <= 3 { n - 1 } else { n - 2 }]);
     }
 
     /// A write of `bytes` was busy on the link from `begin` to `end`; `queued`: it was posted
@@ -249,13 +244,12 @@ mod tests {
         let mut e = RateEstimator::new(None);
         e.set_rate(1e9);
         assert_eq!(e.rate(), Some(1e9));
-        // A lower first window meets it halfway ...
+        // A lower first window does not yet outvote it ...
         let mut t = Instant::now();
         windows(&mut e, &mut t, &[1.0]);
-        let r = e.rate().unwrap();
-        assert!((r - 0.5625e9).abs() < 1e6, "{r}");
-        // ... two outvote it.
-        windows(&mut e, &mut t, &[1.0]);
+        assert_eq!(e.rate(), Some(1e9));
+        // ... three do.
+        windows(&mut e, &mut t, &[1.0, 1.0]);
         let r = e.rate().unwrap();
         assert!((r - 0.125e9).abs() < 1e6, "{r}");
     }
