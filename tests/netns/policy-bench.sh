@@ -93,7 +93,7 @@ for r in rows:
     t.setdefault((r["rate"], r["level"]), []).append(r["last_layer_decoded_s"] * 1e3)
 med = {k: statistics.median(v) for k, v in t.items()}
 print(f"KV {sys.argv[2]}: send-to-last-layer-decoded, ms (median of {len(next(iter(t.values())))})")
-print(f"{'rate':>10} " + " ".join(f"{l:>10}" for l in levels) + "   auto/best  auto levels")
+print(f"{'rate':>10} " + " ".join(f"{l:>10}" for l in levels) + "   auto/best  auto's blocks per run")
 summary = []
 for rate in rates:
     fixed = {l: med[(rate, l)] for l in levels if l != "auto" and (rate, l) in med}
@@ -101,7 +101,11 @@ for rate in rates:
     a = med.get((rate, "auto"))
     ratio = a / fixed[best] if a and best else float("nan")
     pol = [r["policy"] for r in rows if r["rate"] == rate and r["level"] == "auto"]
-    counts = pol[-1]["blocks_per_level"] if pol else ""
+    # What auto chose in each run: distinct block mixes, with how many runs chose each.
+    mixes = {}
+    for q in pol:
+        mixes[q["blocks_per_level"]] = mixes.get(q["blocks_per_level"], 0) + 1
+    counts = ", ".join(f"{m} x{n}" for m, n in sorted(mixes.items(), key=lambda kv: -kv[1]))
     print(f"{rate:>10} " + " ".join(f"{med.get((rate, l), float('nan')):10.1f}" for l in levels)
           + f"   {ratio:5.2f} ({best})  {counts}")
     summary.append({"rate": rate, "best_fixed": best, "auto_over_best": ratio,
