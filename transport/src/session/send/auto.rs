@@ -143,7 +143,10 @@ impl KvSender<'_> {
                 wrs.push(self.post_probe(slot, bytes)?);
                 posted += 1;
             }
-            if stop && done == posted {
+            // The writes still in flight need not be waited for: they complete on the link
+            // ahead of the first blocks either way, and the main loop takes their completions
+            // (as it does any write's) while the first blocks are encoded.
+            if stop && (done == posted || !times.is_empty()) {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
