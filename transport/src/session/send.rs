@@ -18,6 +18,7 @@ use crate::policy::{self, Calibration, Pacer, PolicyOptions, PolicySummary, Rate
 use crate::region::RegionId;
 
 mod auto;
+mod probe;
 use auto::{live_state, Live};
 
 /// How to send.

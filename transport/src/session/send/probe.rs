@@ -1,0 +1,306 @@
+//! The link probe before a policy transfer's first block: the round trip, the delivery rate
+//! (past a shaper's burst allowance) and what the transport's CPU pays per byte sent.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::KvSender;
+use crate::error::{Result, TransportError};
+use crate::link::{Event, SendBuf};
+use crate::session::msg::BlockImm;
+
+/// Immediate of a probe write (layer 4095, chunk 4095; policy transfers name fewer layers).
+const PROBE_IMM_LAYER: u32 = 0xfff;
+/// Bytes of each of the rate probe's writes, and at most how many are in flight.
+const PROBE_WRITE: u64 = 64 * 1024;
+const PROBE_DEPTH: usize = 8;
+/// The probe keeps in flight about what the link delivered over this much time just before
+/// (at least 2 writes): enough to keep it busy, and little to wait for at the end on a slow
+/// link, where [`PROBE_DEPTH`] writes would queue for many ms ahead of the first block.
+const PROBE_QUEUE: Duration = Duration::from_millis(1);
+/// How long the rate probe keeps writing after its first write completed: at least
+/// [`PROBE_MIN_SPAN`], then until the rates over its last two quarters agree within
+/// [`PROBE_AGREE`] (or, past [`PROBE_LOOSE_SPAN`], within [`PROBE_AGREE_LOOSE`]: on a busy
+/// machine completions come in clumps), at most [`PROBE_MAX_SPAN`]. A shaper's burst
+/// allowance (a token bucket) passes the first bytes at any speed; a bucket of a few ms at the
+/// rate takes that long and more to drain, and the rate is taken over the second half only.
+const PROBE_MIN_SPAN: Duration = Duration::from_millis(2);
+const PROBE_LOOSE_SPAN: Duration = Duration::from_millis(4);
+const PROBE_MAX_SPAN: Duration = Duration::from_millis(10);
+const PROBE_AGREE: f64 = 0.25;
+const PROBE_AGREE_LOOSE: f64 = 0.5;
+/// At most how many bytes the probe sends ...
+const PROBE_MAX_BYTES: u64 = 8 << 20;
+/// ... and at most this fraction of the cache's own size, so that probing a fast link costs
+/// a small transfer no more than a few percent.
+const PROBE_MAX_SHARE: u64 = 32;
+
+impl KvSender<'_> {
+    /// Measures the link before the first block: one-byte writes (the round trip), then
+    /// back-to-back writes of up to [`PROBE_WRITE`] bytes for [`PROBE_SPAN`] past the first
+    /// completion (the rate, [`delivery_rate`]). The receiver gives probe slots back without
+    /// decoding them.
+    pub(super) fn probe(&mut self) -> Result<()> {
+        // The smallest of three one-byte round trips: the first also pays thread wake-ups.
+        let mut rtt = Duration::MAX;
+        for _ in 0..3 {
+            rtt = rtt.min(self.probe_round(1, 1)?);
+        }
+        // At most the probe's share of the cache, in writes small enough that PROBE_DEPTH of
+        // them fit in it.
+        let share = self.encoders[0].header().spec.byte_len() as u64 / PROBE_MAX_SHARE;
+        let write = PROBE_WRITE
+            .min(self.slot_size)
+            .min(share / PROBE_DEPTH as u64)
+            .max(4096);
+        let max_bytes = PROBE_MAX_BYTES.min(share).max(PROBE_DEPTH as u64 * write);
+        let cpu_before = self.conn.send_cpu();
+        let rate = self.probe_rate(write, max_bytes)?;
+        // What sending the probe's bytes cost the transport's threads, per byte.
+        let wire_cpu = match (cpu_before, self.conn.send_cpu()) {
+            (Some((b0, c0)), Some((b1, c1))) if b1 > b0 => {
+                c1.saturating_sub(c0).as_secs_f64() / (b1 - b0) as f64
+            }
+            _ => 0.0,
+        };
+        let mut p = self.lock();
+        p.rate.set_rtt(rtt);
+        p.rate.set_rate(rate);
+        if let Some(l) = &mut p.live {
+            l.summary.rtt_ns = rtt.as_nanos() as u64;
+            l.summary.wire_cpu_ps = (wire_cpu * 1e12) as u64;
+            l.wire_cpu = wire_cpu;
+        }
+        tracing::debug!(
+            rtt_us = rtt.as_micros() as u64,
+            rate,
+            wire_cpu_ns_per_byte = wire_cpu * 1e9,
+            "link probe"
+        );
+        Ok(())
+    }
+
+    /// Keeps up to [`PROBE_DEPTH`] probe writes of `bytes` each in flight ([`probe_depth`])
+    /// until the delivery rate has settled ([`PROBE_MIN_SPAN`], [`rate_settled`]),
+    /// [`PROBE_MAX_SPAN`] after the first completion, or `max_bytes` posted; the delivery rate
+    /// ([`delivery_rate`]), bytes/s.
+    fn probe_rate(&self, bytes: u64, max_bytes: u64) -> Result<f64> {
+        let start = Instant::now();
+        let deadline = start + self.opts.timeout;
+        let (mut posted, mut done) = (0u64, 0u64);
+        // When each probe write completed, from `start`, in order (writes complete in the
+        // order posted, and the pacer's end times increase).
+        let mut times: Vec<Duration> = Vec::new();
+        let mut wrs = Vec::new();
+        loop {
+            let stop = posted * bytes >= max_bytes
+                || times.first().is_some_and(|&t| {
+                    let span = start.elapsed().saturating_sub(t);
+                    span >= PROBE_MAX_SPAN
+                        || (span >= PROBE_MIN_SPAN && rate_settled(&times, PROBE_AGREE))
+                        || (span >= PROBE_LOOSE_SPAN && rate_settled(&times, PROBE_AGREE_LOOSE))
+                });
+            let depth = probe_depth(&times, start.elapsed());
+            while !stop && posted - done < depth {
+                let Some(slot) = self.lock().free_slots.pop_front() else {
+                    break;
+                };
+                wrs.push(self.post_probe(slot, bytes)?);
+                posted += 1;
+            }
+            // The writes still in flight need not be waited for: they complete on the link
+            // ahead of the first blocks either way, and the main loop takes their completions
+            // (as it does any write's) while the first blocks are encoded.
+            if stop && (done == posted || !times.is_empty()) {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.conn.poll(left)? {
+                Some(ev) => {
+                    if let Event::WriteDone { wr_id, .. } = &ev {
+                        if let Some(&(_, paced)) = wrs.iter().find(|w| w.0 == *wr_id) {
+                            done += 1;
+                            // Behind the pacer the write is done when the emulated link
+                            // would have carried it (the link under it is far faster, and
+                            // this completion may be read late: the posting loop sleeps in
+                            // the pacer).
+                            times.push(paced.unwrap_or_else(Instant::now) - start);
+                        }
+                    }
+                    self.on_event(ev)?;
+                }
+                None => return Err(TransportError::Timeout(self.opts.timeout, "the link probe")),
+            }
+        }
+        times.sort_unstable();
+        Ok(delivery_rate(&times, bytes))
+    }
+
+    /// Posts one probe write of `bytes` into `slot`; its work-request id, and when the pacer
+    /// (if any, emulating a slower link) has the write leave the link.
+    fn post_probe(&self, slot: u16, bytes: u64) -> Result<(u64, Option<Instant>)> {
+        let mut buf = vec![0u8; bytes as usize];
+        buf[0] = 0xff;
+        let paced = self.pace(bytes).map(|(end, _)| end);
+        let wr = self.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
+        self.lock().outstanding += 1;
+        self.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
+        let imm = BlockImm {
+            slot,
+            layer: PROBE_IMM_LAYER,
+            chunk: 0xfff,
+        };
+        self.conn.post_write(
+            SendBuf::Bytes(buf),
+            self.region,
+            u64::from(slot) * self.slot_size,
+            Some(imm.pack()),
+            wr,
+        )?;
+        Ok((wr, paced))
+    }
+
+    /// Posts `n` probe writes of `bytes` each as slots allow; returns the time from the first
+    /// post to the last completion.
+    fn probe_round(&self, bytes: u64, n: usize) -> Result<Duration> {
+        let deadline = Instant::now() + self.opts.timeout;
+        let mut posted = 0;
+        let mut done = 0;
+        let mut first: Option<Instant> = None;
+        let mut wrs = Vec::new();
+        while done < n {
+            while posted < n {
+                let Some(slot) = self.lock().free_slots.pop_front() else {
+                    break;
+                };
+                first.get_or_insert_with(Instant::now);
+                wrs.push(self.post_probe(slot, bytes)?.0);
+                posted += 1;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.conn.poll(left)? {
+                Some(ev) => {
+                    if let Event::WriteDone { wr_id, .. } = &ev {
+                        if wrs.contains(wr_id) {
+                            done += 1;
+                        }
+                    }
+                    self.on_event(ev)?;
+                }
+                None => return Err(TransportError::Timeout(self.opts.timeout, "the link probe")),
+            }
+        }
+        Ok(first.map_or(Duration::ZERO, |f| f.elapsed()))
+    }
+}
+
+/// How many probe writes to keep in flight at `now` (from the first post), given the
+/// completions so far: as many as completed over the last [`PROBE_QUEUE`], from 2 to
+/// [`PROBE_DEPTH`].
+fn probe_depth(times: &[Duration], now: Duration) -> u64 {
+    let recent = times
+        .iter()
+        .rev()
+        .take_while(|&&t| now.saturating_sub(t) <= PROBE_QUEUE)
+        .count();
+    recent.clamp(2, PROBE_DEPTH) as u64
+}
+
+/// Whether completions at `times` (in order) come at one rate by now: the third and fourth
+/// quarters of the span from the first completion to the last hold about as many (within
+/// `agree`), at least three each. A shaper's burst allowance makes the early part of
+/// the span faster until it is spent; the rate is taken over the second half.
+fn rate_settled(times: &[Duration], agree: f64) -> bool {
+    let (Some(&first), Some(&last)) = (times.first(), times.last()) else {
+        return false;
+    };
+    let quarter = (last - first) / 4;
+    let count =
+        |from: Duration, to: Duration| times.iter().filter(|&&t| t > from && t <= to).count();
+    let third = count(first + quarter * 2, first + quarter * 3);
+    let fourth = count(first + quarter * 3, last);
+    third >= 3 && fourth >= 3 && (third as f64 - fourth as f64).abs() <= agree * fourth as f64
+}
+
+/// The rate at which writes of `bytes` each completed at `times` (from the first post, in
+/// order): over the second half of the span from the first completion to the last, where a
+/// shaper's burst allowance, spent at the start, no longer inflates it; over the whole span
+/// when the second half holds fewer than two completions; a lone completion's bytes over its
+/// time when there is no span.
+fn delivery_rate(times: &[Duration], bytes: u64) -> f64 {
+    let (Some(&first), Some(&last)) = (times.first(), times.last()) else {
+        return 0.0;
+    };
+    let mid = first + (last - first) / 2;
+    // The last completion at or before the midpoint starts the measured stretch.
+    let k = times.iter().rposition(|&t| t <= mid).unwrap_or(0);
+    let (from, n) = if times.len() - 1 - k >= 2 {
+        (times[k], times.len() - 1 - k)
+    } else {
+        (first, times.len() - 1)
+    };
+    let span = (last - from).as_secs_f64();
+    if n == 0 || span <= 0.0 {
+        return (times.len() as u64 * bytes) as f64 / last.as_secs_f64().max(1e-6);
+    }
+    (n as u64 * bytes) as f64 / span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: f64) -> Duration {
+        Duration::from_secs_f64(v / 1000.0)
+    }
+
+    #[test]
+    fn a_burst_allowance_at_the_start_does_not_inflate_the_rate() {
+        // 64 KiB writes: the first 8 through a full bucket 0.1 ms apart, then one per 0.5 ms
+        // (131 MB/s) for 4 ms.
+        let mut times: Vec<Duration> = (0..8).map(|i| ms(0.1 + 0.1 * f64::from(i))).collect();
+        let burst_end = 0.8;
+        times.extend((1..=8).map(|i| ms(burst_end + 0.5 * f64::from(i))));
+        let r = delivery_rate(&times, 65536);
+        assert!((r - 65536.0 / 0.0005).abs() < 1e6, "{r}");
+    }
+
+    #[test]
+    fn the_probe_keeps_about_a_millisecond_of_the_link_in_flight() {
+        assert_eq!(probe_depth(&[], ms(0.0)), 2);
+        // One completion per 1.75 ms (64 KiB at 0.3 Gbit/s): the minimum.
+        let slow: Vec<Duration> = (1..=5).map(|i| ms(1.75 * f64::from(i))).collect();
+        assert_eq!(probe_depth(&slow, ms(9.0)), 2);
+        // One per 0.17 ms (3 Gbit/s): about 6.
+        let mid: Vec<Duration> = (1..=30).map(|i| ms(0.17 * f64::from(i))).collect();
+        assert_eq!(probe_depth(&mid, ms(5.2)), 6);
+        // One per 0.05 ms: capped.
+        let fast: Vec<Duration> = (1..=60).map(|i| ms(0.05 * f64::from(i))).collect();
+        assert_eq!(probe_depth(&fast, ms(3.0)), PROBE_DEPTH as u64);
+    }
+
+    #[test]
+    fn the_probe_runs_on_while_a_burst_allowance_lasts() {
+        // Steady: settled once each late quarter holds enough completions.
+        let steady: Vec<Duration> = (1..=16).map(|i| ms(0.5 * f64::from(i))).collect();
+        assert!(rate_settled(&steady, PROBE_AGREE));
+        assert!(!rate_settled(&steady[..8], PROBE_AGREE));
+        // A bucket passing 20 writes at 0.05 ms each, then one per 0.5 ms: not settled while
+        // the burst reaches into the second half, settled once it lies in the first.
+        let mut burst: Vec<Duration> = (1..=20).map(|i| ms(0.05 * f64::from(i))).collect();
+        burst.extend((1..=3).map(|i| ms(1.0 + 0.5 * f64::from(i))));
+        assert!(!rate_settled(&burst, PROBE_AGREE));
+        burst.extend((4..=16).map(|i| ms(1.0 + 0.5 * f64::from(i))));
+        assert!(rate_settled(&burst, PROBE_AGREE));
+        assert!(!rate_settled(&[], PROBE_AGREE));
+    }
+
+    #[test]
+    fn steady_completions_give_their_rate_and_few_do_not_panic() {
+        let times: Vec<Duration> = (1..=10).map(|i| ms(f64::from(i))).collect();
+        assert!((delivery_rate(&times, 1000) - 1e6).abs() < 1.0);
+        assert!((delivery_rate(&times[..2], 1000) - 1e6).abs() < 1.0);
+        assert!(delivery_rate(&times[..1], 1000) > 0.0);
+        assert_eq!(delivery_rate(&[], 1000), 0.0);
+    }
+}
