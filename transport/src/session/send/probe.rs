@@ -18,6 +18,10 @@ const PROBE_DEPTH: usize = 8;
 /// (at least 2 writes): enough to keep it busy, and little to wait for at the end on a slow
 /// link, where [`PROBE_DEPTH`] writes would queue for many ms ahead of the first block.
 const PROBE_QUEUE: Duration = Duration::from_millis(1);
+/// Bytes in flight before the first completion: enough that a fast link's first round trips
+/// measure more than the round trip (a small cache probes with small writes), little enough
+/// to queue for only a few ms on a slow one.
+const PROBE_START_BYTES: u64 = 256 * 1024;
 /// How long the rate probe keeps writing after its first write completed: at least
 /// [`PROBE_MIN_SPAN`], then until the rates over its last two quarters agree within
 /// [`PROBE_AGREE`] (or, past [`PROBE_LOOSE_SPAN`], within [`PROBE_AGREE_LOOSE`]: on a busy
@@ -93,14 +97,14 @@ impl KvSender<'_> {
         let mut times: Vec<Duration> = Vec::new();
         let mut wrs = Vec::new();
         loop {
-            let stop = posted * bytes >= max_bytes
-                || times.first().is_some_and(|&t| {
-                    let span = start.elapsed().saturating_sub(t);
-                    span >= PROBE_MAX_SPAN
-                        || (span >= PROBE_MIN_SPAN && rate_settled(&times, PROBE_AGREE))
-                        || (span >= PROBE_LOOSE_SPAN && rate_settled(&times, PROBE_AGREE_LOOSE))
-                });
-            let depth = probe_depth(&times, start.elapsed());
+            let measured = times.first().is_some_and(|&t| {
+                let span = start.elapsed().saturating_sub(t);
+                span >= PROBE_MAX_SPAN
+                    || (span >= PROBE_MIN_SPAN && rate_settled(&times, PROBE_AGREE))
+                    || (span >= PROBE_LOOSE_SPAN && rate_settled(&times, PROBE_AGREE_LOOSE))
+            });
+            let stop = measured || posted * bytes >= max_bytes;
+            let depth = probe_depth(&times, start.elapsed(), bytes);
             while !stop && posted - done < depth {
                 let Some(slot) = self.lock().free_slots.pop_front() else {
                     break;
@@ -108,10 +112,12 @@ impl KvSender<'_> {
                 wrs.push(self.post_probe(slot, bytes)?);
                 posted += 1;
             }
-            // The writes still in flight need not be waited for: they complete on the link
-            // ahead of the first blocks either way, and the main loop takes their completions
-            // (as it does any write's) while the first blocks are encoded.
-            if stop && (done == posted || !times.is_empty()) {
+            // Once the rate has settled, the writes still in flight need not be waited for:
+            // they complete on the link ahead of the first blocks either way, and the main
+            // loop takes their completions (as it does any write's) while the first blocks
+            // are encoded. A probe that ran out of bytes first (a small cache) needs every
+            // completion for its reading.
+            if stop && (done == posted || measured) {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -194,16 +200,20 @@ impl KvSender<'_> {
     }
 }
 
-/// How many probe writes to keep in flight at `now` (from the first post), given the
-/// completions so far: as many as completed over the last [`PROBE_QUEUE`], from 2 to
-/// [`PROBE_DEPTH`].
-fn probe_depth(times: &[Duration], now: Duration) -> u64 {
-    let recent = times
-        .iter()
-        .rev()
-        .take_while(|&&t| now.saturating_sub(t) <= PROBE_QUEUE)
-        .count();
-    recent.clamp(2, PROBE_DEPTH) as u64
+/// How many probe writes of `bytes` to keep in flight at `now` (from the first post), given
+/// the completions so far: before any, [`PROBE_START_BYTES`] worth; then as many as
+/// completed over the last [`PROBE_QUEUE`]; from 2 to [`PROBE_DEPTH`].
+fn probe_depth(times: &[Duration], now: Duration, bytes: u64) -> u64 {
+    let n = if times.is_empty() {
+        (PROBE_START_BYTES / bytes.max(1)) as usize
+    } else {
+        times
+            .iter()
+            .rev()
+            .take_while(|&&t| now.saturating_sub(t) <= PROBE_QUEUE)
+            .count()
+    };
+    n.clamp(2, PROBE_DEPTH) as u64
 }
 
 /// Whether completions at `times` (in order) come at one rate by now: the third and fourth
@@ -267,16 +277,18 @@ mod tests {
 
     #[test]
     fn the_probe_keeps_about_a_millisecond_of_the_link_in_flight() {
-        assert_eq!(probe_depth(&[], ms(0.0)), 2);
+        assert_eq!(probe_depth(&[], ms(0.0), 65536), 4);
+        assert_eq!(probe_depth(&[], ms(0.0), 16384), PROBE_DEPTH as u64);
+        assert_eq!(probe_depth(&[], ms(0.0), 1 << 20), 2);
         // One completion per 1.75 ms (64 KiB at 0.3 Gbit/s): the minimum.
         let slow: Vec<Duration> = (1..=5).map(|i| ms(1.75 * f64::from(i))).collect();
-        assert_eq!(probe_depth(&slow, ms(9.0)), 2);
+        assert_eq!(probe_depth(&slow, ms(9.0), 65536), 2);
         // One per 0.17 ms (3 Gbit/s): about 6.
         let mid: Vec<Duration> = (1..=30).map(|i| ms(0.17 * f64::from(i))).collect();
-        assert_eq!(probe_depth(&mid, ms(5.2)), 6);
+        assert_eq!(probe_depth(&mid, ms(5.2), 65536), 6);
         // One per 0.05 ms: capped.
         let fast: Vec<Duration> = (1..=60).map(|i| ms(0.05 * f64::from(i))).collect();
-        assert_eq!(probe_depth(&fast, ms(3.0)), PROBE_DEPTH as u64);
+        assert_eq!(probe_depth(&fast, ms(3.0), 65536), PROBE_DEPTH as u64);
     }
 
     #[test]
