@@ -41,9 +41,10 @@ const PROBE_MAX_SHARE: u64 = 32;
 
 impl KvSender<'_> {
     /// Measures the link before the first block: one-byte writes (the round trip), then
-    /// back-to-back writes of up to [`PROBE_WRITE`] bytes for [`PROBE_SPAN`] past the first
-    /// completion (the rate, [`delivery_rate`]). The receiver gives probe slots back without
-    /// decoding them.
+    /// writes of up to [`PROBE_WRITE`] bytes until the delivery rate settles (the rate,
+    /// [`Self::probe_rate`]), timing what the transport's threads spend on them (the CPU per
+    /// byte sent, [`crate::link::Link::send_cpu`]). The receiver gives probe slots back
+    /// without decoding them.
     pub(super) fn probe(&mut self) -> Result<()> {
         // The smallest of three one-byte round trips: the first also pays thread wake-ups.
         let mut rtt = Duration::MAX;
