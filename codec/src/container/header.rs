@@ -72,13 +72,9 @@ impl Header {
     /// milliseconds per bin count: an encoder or decoder that times its first block, or must
     /// not stall on it, calls this first). Nothing to do for the other levels.
     pub fn prepare_models(&self) {
-        if !matches!(self.level, Level::CgHigh | Level::CgDefault | Level::CgLow) {
-            return;
-        }
         let mut seen = [false; 64];
-        for &b in self.bins_k.iter().chain(&self.bins_v) {
-            let w = crate::quant::alphabet(bins_of_byte(b)) - 1;
-            if (1..64).contains(&w) && !std::mem::replace(&mut seen[w as usize], true) {
+        for w in self.model_widths() {
+            if !std::mem::replace(&mut seen[w as usize], true) {
                 crate::model::ModelSet::get(w);
             }
         }
@@ -87,13 +83,19 @@ impl Header {
     /// Whether [`Self::prepare_models`] has nothing left to build (always, for the levels
     /// without model tables).
     pub fn models_ready(&self) -> bool {
-        if !matches!(self.level, Level::CgHigh | Level::CgDefault | Level::CgLow) {
-            return true;
-        }
-        self.bins_k.iter().chain(&self.bins_v).all(|&b| {
-            let w = crate::quant::alphabet(bins_of_byte(b)) - 1;
-            !(1..64).contains(&w) || crate::model::ModelSet::is_built(w)
-        })
+        self.model_widths().all(crate::model::ModelSet::is_built)
+    }
+
+    /// The model-set half-widths (in `1..64`) of every layer's K and V bins, with repeats;
+    /// none for the levels without model tables.
+    fn model_widths(&self) -> impl Iterator<Item = u32> + '_ {
+        let native = matches!(self.level, Level::CgHigh | Level::CgDefault | Level::CgLow);
+        self.bins_k
+            .iter()
+            .chain(&self.bins_v)
+            .filter(move |_| native)
+            .map(|&b| crate::quant::alphabet(bins_of_byte(b)) - 1)
+            .filter(|w| (1..64).contains(w))
     }
 
     /// Appends the header to `out`.

@@ -348,6 +348,18 @@ impl<'c> KvSender<'c> {
         }
     }
 
+    /// Writes `buf` into the receiver's slot `slot` with the immediate `imm`, as work request
+    /// `wr`.
+    fn post_to_slot(&self, buf: Vec<u8>, slot: u16, imm: BlockImm, wr: u64) -> Result<()> {
+        self.conn.post_write(
+            SendBuf::Bytes(buf),
+            self.region,
+            u64::from(slot) * self.slot_size,
+            Some(imm.pack()),
+            wr,
+        )
+    }
+
     /// Encodes and writes `blocks` ((layer, chunk) pairs), `encode` filling a buffer per
     /// block; returns when every block is posted.
     fn pump(&mut self, blocks: &[(usize, usize)], encode: &EncodeFn<'_>) -> Result<()> {
@@ -411,13 +423,7 @@ impl<'c> KvSender<'c> {
                     p.in_flight
                         .insert(wr, (buf.len() as u64, begin, paced, queued));
                 }
-                this.conn.post_write(
-                    SendBuf::Bytes(buf),
-                    this.region,
-                    u64::from(slot) * this.slot_size,
-                    Some(imm.pack()),
-                    wr,
-                )?;
+                this.post_to_slot(buf, slot, imm, wr)?;
             }
         };
         let result = thread::scope(|s| {

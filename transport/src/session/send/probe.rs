@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::KvSender;
 use crate::error::{Result, TransportError};
-use crate::link::{Event, SendBuf};
+use crate::link::Event;
 use crate::session::msg::BlockImm;
 
 /// Immediate of a probe write (layer 4095, chunk 4095; policy transfers name fewer layers).
@@ -157,13 +157,7 @@ impl KvSender<'_> {
             layer: PROBE_IMM_LAYER,
             chunk: 0xfff,
         };
-        self.conn.post_write(
-            SendBuf::Bytes(buf),
-            self.region,
-            u64::from(slot) * self.slot_size,
-            Some(imm.pack()),
-            wr,
-        )?;
+        self.post_to_slot(buf, slot, imm, wr)?;
         Ok((wr, paced))
     }
 
