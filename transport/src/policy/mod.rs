@@ -5,18 +5,14 @@
 //! - [`rate`]: the link-rate estimator (windows of completed writes over the time the link was
 //!   busy, corrected for the round trip each idle-to-busy period pays; the estimate is the
 //!   second highest of the last five) and the send pacer.
-//! - [`learned`]: what encoding and decoding cost in real transfers here (thread CPU time per
-//!   byte, per level), kept across transfers; it replaces the calibration where it has a level.
 //! - [`calib`]: this machine's encode/decode throughput per level with every core busy,
 //!   measured on the embedded real KV sample and cached under the user's cache dir.
 
 pub mod calib;
-pub mod learned;
 pub mod model;
 pub mod rate;
 
 pub use calib::{Calibration, LevelSpeed};
-pub use learned::{CpuTally, LearnedCosts};
 pub use model::{choose, Choice, LevelCost, PolicyInputs};
 pub use rate::{Pacer, RateEstimator};
 

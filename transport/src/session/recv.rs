@@ -132,8 +132,6 @@ struct Shared {
     regrant: Mutex<Vec<u16>>,
     /// Signalled by the decoder that finishes the last block.
     all_decoded: Mutex<Sender<()>>,
-    /// The decodes' CPU time per level, kept for later transfers at the end.
-    tally: crate::policy::CpuTally,
 }
 
 impl Shared {
@@ -321,7 +319,6 @@ impl KvReceiver {
             first_block: Mutex::new(None),
             regrant: Mutex::new(Vec::new()),
             all_decoded: Mutex::new(done_tx),
-            tally: crate::policy::CpuTally::default(),
         });
         conn.send_msg(&ready.to_bytes())?;
         conn.send_msg(

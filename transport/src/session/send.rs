@@ -14,10 +14,7 @@ use super::msg::{BlockImm, SessionMsg, MAX_CHUNKS, MAX_LAYERS};
 use crate::endpoint::Connection;
 use crate::error::{Result, TransportError};
 use crate::link::{Event, SendBuf};
-use crate::policy::learned::Side;
-use crate::policy::{
-    self, Calibration, CpuTally, LearnedCosts, Pacer, PolicyOptions, PolicySummary, RateEstimator,
-};
+use crate::policy::{self, Calibration, Pacer, PolicyOptions, PolicySummary, RateEstimator};
 use crate::region::RegionId;
 
 mod auto;
@@ -109,10 +106,6 @@ pub struct KvSender<'c> {
     blocks: usize,
     wire_bytes: AtomicUsize,
     next_wr: AtomicUsize,
-    /// Input bytes of a block (the cache over its blocks).
-    block_bytes: u64,
-    /// The encodes' CPU time per level, kept for later transfers at the end.
-    tally: CpuTally,
 }
 
 impl<'c> KvSender<'c> {
@@ -261,8 +254,6 @@ impl<'c> KvSender<'c> {
             blocks: 0,
             wire_bytes: AtomicUsize::new(header_len),
             next_wr: AtomicUsize::new(0),
-            block_bytes: (spec.byte_len() / (spec.shape.layers * chunks).max(1)) as u64,
-            tally: CpuTally::default(),
         };
         if opts.policy.is_some() && initial.is_none() {
             sender.probe()?;
@@ -399,14 +390,9 @@ impl<'c> KvSender<'c> {
                 if this.levels_on_wire {
                     buf.push(index as u8);
                 }
-                // Timed on the thread's CPU clock: waiting for a core (held by the receiver,
-                // on one machine) is not the encoder's cost.
-                let cpu = policy::learned::thread_cpu();
+                let t = Instant::now();
                 encode(&this.encoders[index], layer, chunk, &mut buf)?;
-                let cpu = policy::learned::thread_cpu().saturating_sub(cpu);
-                this.tally
-                    .add(this.encoders[index].header().level, this.block_bytes, cpu);
-                this.observe(index, buf.len(), cpu);
+                this.observe(index, buf.len(), t.elapsed());
                 if buf.len() as u64 > this.slot_size {
                     return Err(TransportError::Invalid(format!(
                         "block (layer {layer}, chunk {chunk}) is {} bytes, the receiver's slots hold {} (use smaller chunks)",
@@ -545,7 +531,6 @@ impl<'c> KvSender<'c> {
                         self.blocks
                     )));
                 }
-                LearnedCosts::remember(Side::Encode, &self.tally.per_byte());
                 let policy = self.lock().live.as_ref().map(|l| l.summary);
                 if let Some(s) = &policy {
                     tracing::info!(levels = %s.counts(), first_bps = s.first_rate, last_bps = s.last_rate, switches = s.switches, "policy summary");

@@ -12,8 +12,6 @@ use super::super::msg::{BlockImm, SessionMsg};
 use super::{LayerState, Shared};
 use crate::error::{Result, TransportError};
 use crate::link::{Event, Notification};
-use crate::policy::learned::Side;
-use crate::policy::LearnedCosts;
 
 /// Polls the connection, checks each notification against the slots, and queues decodes;
 /// once every block has landed it stops reading the connection, waits for the decoders and
@@ -34,7 +32,6 @@ pub(super) fn drive(
         if landed == sh.total {
             match all_decoded.recv_timeout(timeout) {
                 Ok(()) => {
-                    LearnedCosts::remember(Side::Decode, &sh.tally.per_byte());
                     let since = sh
                         .first_block
                         .lock()
@@ -253,9 +250,6 @@ fn decode_one(
         )));
     }
     let cspec = d.chunk_spec(chunk);
-    // The decode and placement, on the thread's CPU clock (a sender on the same cores holding
-    // one is not this decoder's cost; zeroing the fresh cache's pages on first touch is).
-    let cpu = crate::policy::learned::thread_cpu();
     chunk_buf.resize(cspec.byte_len(), 0);
     let info = d
         .decode_block_chunk(block, chunk_buf)
@@ -306,11 +300,6 @@ fn decode_one(
             None
         }
     };
-    sh.tally.add(
-        d.header().level,
-        cspec.byte_len() as u64,
-        crate::policy::learned::thread_cpu().saturating_sub(cpu),
-    );
     let done = sh.decoded.fetch_add(1, Ordering::AcqRel) + 1;
     if let Some(buf) = finished {
         sh.emit(Ok((layer, buf)));
@@ -332,9 +321,8 @@ fn is_probe(n: &Notification) -> bool {
         .is_some_and(|i| i.layer == 0xfff && i.chunk == 0xfff)
 }
 
-/// This machine's decode speed per level of the transfer over `threads` threads: what its
-/// transfers measured ([`LearnedCosts`]) where they have the level, else the cached
-/// calibration (measured once if missing), each code marked
+/// This machine's decode speed per level of the transfer over `threads` threads, from the
+/// cached calibration (measured once if missing), each code marked
 /// [`TABLES_READY`](super::super::msg::TABLES_READY) where the level's tables are built; none
 /// if calibration fails.
 pub(super) fn decode_rates(decoders: &[Decoder], threads: usize) -> Vec<(u8, u64)> {
@@ -346,12 +334,6 @@ pub(super) fn decode_rates(decoders: &[Decoder], threads: usize) -> Vec<(u8, u64
         }
     };
     let threads = threads.min(cal.cores.max(1)) as f64;
-    // What transfers here measured corrects this machine's own calibration only.
-    let learned = if cal.key == crate::policy::calib::machine_key() {
-        LearnedCosts::load(Side::Decode)
-    } else {
-        LearnedCosts::default()
-    };
     decoders
         .iter()
         .filter_map(|d| {
@@ -361,10 +343,8 @@ pub(super) fn decode_rates(decoders: &[Decoder], threads: usize) -> Vec<(u8, u64
             } else {
                 0
             };
-            cal.get(level).map(|s| {
-                let rate = learned.rate(level).unwrap_or(s.decode_rate);
-                (level.code() | ready, (rate * threads) as u64)
-            })
+            cal.get(level)
+                .map(|s| (level.code() | ready, (s.decode_rate * threads) as u64))
         })
         .collect()
 }
