@@ -227,6 +227,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
         ..SendOptions::new(enc)
     };
     let level_name = a.level.0.map_or("auto".to_string(), |l| l.to_string());
+    let cpu_before = process_cpu();
     let st = if a.layer_interval_ms == 0 {
         send_kv(&conn, &kv.cache.view(), &opts).context("sending")?
     } else {
@@ -246,6 +247,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
         }
         tx.finish().context("finishing the transfer")?
     };
+    let cpu = process_cpu().saturating_sub(cpu_before);
     conn.close("");
     let spec = kv.cache.spec();
     let fp16 = (spec.shape.elements() * 2) as f64;
@@ -279,6 +281,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
                 "ratio_vs_fp16": fp16 / st.wire_bytes as f64,
                 "last_layer_decoded_s": secs,
                 "receiver_decode_s": st.receiver_decode.as_secs_f64(),
+                "cpu_s": cpu.as_secs_f64(),
                 "goodput_gbps": fp16 / secs / 1e9,
             })
         );
@@ -328,6 +331,7 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
         timeout: a.link.timeout()?,
         ..RecvOptions::default()
     };
+    let cpu_before = process_cpu();
     let rx = KvReceiver::accept_whole(&conn, &slots, &opts).context("starting the transfer")?;
     let levels = rx.levels();
     let level = if levels.len() == 1 {
@@ -336,6 +340,7 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
         "auto".to_string()
     };
     let (cache, st) = rx.recv_all().context("receiving")?;
+    let cpu = process_cpu().saturating_sub(cpu_before);
     file::save(&a.output, &cache, &HashMap::new())
         .with_context(|| format!("writing {}", a.output.display()))?;
     let spec = cache.spec();
@@ -350,6 +355,7 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
                 "blocks": st.blocks,
                 "wire_bytes": st.wire_bytes,
                 "elapsed_s": st.elapsed.as_secs_f64(),
+                "cpu_s": cpu.as_secs_f64(),
                 "output": a.output.display().to_string(),
             })
         );
@@ -367,4 +373,13 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// CPU time of this process so far, all its threads (those that ended included).
+fn process_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }

@@ -255,6 +255,8 @@ fn a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level() {
         String::from_utf8_lossy(&ro.stderr)
     );
     let j: serde_json::Value = serde_json::from_slice(&send.stdout).unwrap();
+    // The sender's CPU time over the transfer: encoding and its transport threads at least.
+    assert!(j["cpu_s"].as_f64().unwrap() > 0.0, "{j}");
     let p = &j["policy"];
     let rank = |k: &str| {
         ORDER

@@ -60,7 +60,9 @@ impl KvSender<'_> {
             .max(4096);
         let max_bytes = PROBE_MAX_BYTES.min(share).max(PROBE_DEPTH as u64 * write);
         let cpu_before = self.conn.send_cpu();
+        let started = Instant::now();
         let rate = self.probe_rate(write, max_bytes)?;
+        let took = started.elapsed();
         // What sending the probe's bytes cost the transport's threads, per byte.
         let wire_cpu = match (cpu_before, self.conn.send_cpu()) {
             (Some((b0, c0)), Some((b1, c1))) if b1 > b0 => {
@@ -78,6 +80,7 @@ impl KvSender<'_> {
         }
         tracing::debug!(
             rtt_us = rtt.as_micros() as u64,
+            took_us = took.as_micros() as u64,
             rate,
             wire_cpu_ns_per_byte = wire_cpu * 1e9,
             "link probe"
