@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kvwire_codec::{EncodeOptions, KvCache, Layout, Level};
 use kvwire_tests::{check_within_bound, fixture, fixture_head, layer_cache};
-use kvwire_transport::session::msg::{BlockImm, SessionMsg};
+use kvwire_transport::session::msg::{BlockImm, SessionMsg, ACCEPTS_PREPARE, LEVEL_CODE};
 use kvwire_transport::session::{
     recv_kv, send_kv, KvReceiver, KvSender, RecvOptions, RecvSlots, SendOptions,
 };
@@ -327,5 +327,66 @@ fn a_block_larger_than_the_slots_is_a_clear_error() {
         assert!(se.to_string().contains("slots hold 4096"), "{se}");
         let re = r.recv_all().expect_err("the receiver learns of the abort");
         assert!(matches!(re, TransportError::RemoteAbort(_)), "{re}");
+    });
+}
+
+#[test]
+fn a_receiver_offers_prepare_and_refuses_one_naming_no_level() {
+    let kv = fixture_head(1);
+    let l = link(config(FabricKind::Tcp), 2, 1 << 20);
+    std::thread::scope(|s| {
+        // A hand-driven multi-level sender: raw and cg-low, then a Prepare past the list.
+        let sender = s.spawn(|| -> (Vec<(u8, u64)>, TransportError) {
+            let headers = [Level::Raw, Level::CgLow]
+                .iter()
+                .map(|&level| {
+                    let enc = kvwire_codec::Encoder::new(*kv.spec(), &EncodeOptions::level(level))
+                        .unwrap();
+                    let mut h = Vec::new();
+                    enc.write_header(&mut h);
+                    h
+                })
+                .collect();
+            l.tx.send_msg(&SessionMsg::BeginLevels { headers }.to_bytes())
+                .unwrap();
+            let rates = loop {
+                if let Some(Event::Message(m)) = l.tx.poll(Duration::from_secs(5)).unwrap() {
+                    if let SessionMsg::ReadyRates { decode_rates, .. } =
+                        SessionMsg::from_bytes(&m).unwrap()
+                    {
+                        break decode_rates;
+                    }
+                }
+            };
+            l.tx.send_msg(&SessionMsg::Prepare { index: 9 }.to_bytes())
+                .unwrap();
+            loop {
+                match l.tx.poll(Duration::from_secs(5)) {
+                    Ok(Some(Event::Message(m))) => {
+                        if let SessionMsg::Abort { reason } = SessionMsg::from_bytes(&m).unwrap() {
+                            return (rates, TransportError::RemoteAbort(reason));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return (rates, e),
+                }
+            }
+        });
+        let r = KvReceiver::accept(&l.rx, &l.slots, &recv_opts()).unwrap();
+        let e = r
+            .recv_all()
+            .expect_err("a Prepare naming no level must fail");
+        assert!(e.to_string().contains("Prepare names level 9 of 2"), "{e}");
+        let (rates, se) = sender.join().unwrap();
+        // Each level the receiver reports is marked as accepting Prepare.
+        assert!(!rates.is_empty());
+        for (code, _) in &rates {
+            assert!(code & ACCEPTS_PREPARE != 0, "{code:#x}");
+            assert!(code & LEVEL_CODE <= Level::CgLow.code(), "{code:#x}");
+        }
+        assert!(
+            matches!(se, TransportError::RemoteAbort(ref m) if m.contains("Prepare names level 9")),
+            "{se}"
+        );
     });
 }

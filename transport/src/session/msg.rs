@@ -9,6 +9,7 @@
 //! | 5 | `Abort` | UTF-8 reason |
 //! | 6 | `BeginLevels` | count u8 (1..=8), then per candidate level: length u32 + codec header; each block then starts with a one-byte index into this list |
 //! | 7 | `ReadyRates` | as `Ready`, then host id u64 (0: unknown; equal ids: both ends share one machine's cores), then count u8 (0..=16) of (level code u8, decode bytes/s u64): the receiver's measured decode speed over all its threads; the code's top bit ([`TABLES_READY`]) says the level's model tables are already built there |
+//! | 8 | `Prepare` | candidate index u8: the sender is about to send this level's first block; the receiver may build its model tables now (sent only to a receiver that set [`ACCEPTS_PREPARE`] on the level's code) |
 //!
 //! Every message starts with the byte `S` and the tag; parsing checks each length against
 //! the bytes present and the limits here.
@@ -26,6 +27,13 @@ pub const MAX_LEVELS: usize = 8;
 /// Set in a `ReadyRates` level code: the receiver has that level's model tables built (a
 /// first block of it costs no setup there). Level codes stay below it.
 pub const TABLES_READY: u8 = 0x80;
+
+/// Set in a `ReadyRates` level code: the receiver accepts `Prepare` (tag 8) for that level; a
+/// sender sends it to no receiver that did not say so (one older than the message).
+pub const ACCEPTS_PREPARE: u8 = 0x40;
+
+/// The level code in a `ReadyRates` entry, its flags cleared.
+pub const LEVEL_CODE: u8 = 0x3f;
 
 /// Most decode rates a `ReadyRates` reports.
 pub const MAX_RATES: usize = 16;
@@ -83,6 +91,13 @@ pub enum SessionMsg {
         host: u64,
         /// (level code, input bytes/s decoded over all the receiver's threads).
         decode_rates: Vec<(u8, u64)>,
+    },
+    /// Sender -> receiver, in a `BeginLevels` transfer: the first block of this candidate
+    /// follows soon; its model tables may be built now, while the sender builds its own,
+    /// rather than after the block arrives.
+    Prepare {
+        /// Index into the `BeginLevels` headers.
+        index: u8,
     },
 }
 
@@ -150,6 +165,10 @@ impl SessionMsg {
                     out.push(*code);
                     out.extend_from_slice(&rate.to_le_bytes());
                 }
+            }
+            Self::Prepare { index } => {
+                out.push(8);
+                out.push(*index);
             }
         }
         out
@@ -281,6 +300,10 @@ impl SessionMsg {
                         .collect(),
                 }
             }
+            8 => {
+                fixed(1)?;
+                Self::Prepare { index: body[0] }
+            }
             t => return Err(bad(&format!("unknown tag {t}"))),
         })
     }
@@ -354,6 +377,7 @@ mod tests {
                 host: 7,
                 decode_rates: vec![(0, 1 << 40), (4 | TABLES_READY, 250_000_000)],
             },
+            SessionMsg::Prepare { index: 3 },
         ] {
             assert_eq!(SessionMsg::from_bytes(&m.to_bytes()).unwrap(), m);
         }
@@ -382,6 +406,8 @@ mod tests {
             b"S\x06\x01\x01\x00\x00\x00ab",
             b"S\x07\0\0\0\0\0\0\0\0\0\0\0\0\x01\x00\x01",
             b"S\x07\0\0\0\0\0\0\0\0\0\0\0\0\x01\x00\0\0\0\0\0\0\0\0\x01",
+            b"S\x08",
+            b"S\x08\x01\x02",
         ] {
             assert!(SessionMsg::from_bytes(b).is_err(), "{b:?}");
         }

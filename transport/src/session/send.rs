@@ -314,6 +314,7 @@ impl<'c> KvSender<'c> {
     fn on_event(&self, ev: Event) -> Result<()> {
         match ev {
             Event::WriteDone { buf, wr_id } => {
+                tracing::trace!(target: "kvwire_tl", t_us = self.started.elapsed().as_micros() as u64, wr_id, "done");
                 let mut p = self.lock();
                 p.outstanding -= 1;
                 if let Some((bytes, begin, paced, queued)) = p.in_flight.remove(&wr_id) {
@@ -386,7 +387,12 @@ impl<'c> KvSender<'c> {
                         })
                     })?;
                 buf.clear();
-                let index = this.decide(layer, chunk);
+                let (index, announce) = this.decide(layer, chunk);
+                if announce {
+                    // The receiver builds this level's tables while this end builds its own.
+                    this.conn
+                        .send_msg(&SessionMsg::Prepare { index: index as u8 }.to_bytes())?;
+                }
                 if this.levels_on_wire {
                     buf.push(index as u8);
                 }
@@ -423,6 +429,7 @@ impl<'c> KvSender<'c> {
                     p.in_flight
                         .insert(wr, (buf.len() as u64, begin, paced, queued));
                 }
+                tracing::trace!(target: "kvwire_tl", t_us = this.started.elapsed().as_micros() as u64, wr, enc_us = 0u64, "post");
                 this.post_to_slot(buf, slot, imm, wr)?;
             }
         };

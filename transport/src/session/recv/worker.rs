@@ -81,6 +81,17 @@ pub(super) fn drive(
                     sh.emit(Err(TransportError::RemoteAbort(reason)));
                     return;
                 }
+                Ok(SessionMsg::Prepare { index }) if sh.levels_on_wire => {
+                    let Some(d) = sh.decoders.get(usize::from(index)) else {
+                        sh.fail(TransportError::Protocol(format!(
+                            "Prepare names level {index} of {}",
+                            sh.decoders.len()
+                        )));
+                        return;
+                    };
+                    tracing::debug!(level = %d.header().level, "sender announced a level: building its tables");
+                    super::prepare_tables(d.header());
+                }
                 Ok(other) => {
                     sh.fail(TransportError::Protocol(format!(
                         "unexpected {other:?} mid-transfer"
@@ -323,8 +334,8 @@ fn is_probe(n: &Notification) -> bool {
 
 /// This machine's decode speed per level of the transfer over `threads` threads, from the
 /// cached calibration (measured once if missing), each code marked
-/// [`TABLES_READY`](super::super::msg::TABLES_READY) where the level's tables are built; none
-/// if calibration fails.
+/// [`TABLES_READY`](super::super::msg::TABLES_READY) where the level's tables are built and
+/// [`ACCEPTS_PREPARE`](super::super::msg::ACCEPTS_PREPARE); none if calibration fails.
 pub(super) fn decode_rates(decoders: &[Decoder], threads: usize) -> Vec<(u8, u64)> {
     let cal = match crate::policy::Calibration::cached() {
         Ok(c) => c,
@@ -338,11 +349,12 @@ pub(super) fn decode_rates(decoders: &[Decoder], threads: usize) -> Vec<(u8, u64
         .iter()
         .filter_map(|d| {
             let level = d.header().level;
-            let ready = if d.header().models_ready() {
-                super::super::msg::TABLES_READY
-            } else {
-                0
-            };
+            let ready = super::super::msg::ACCEPTS_PREPARE
+                | if d.header().models_ready() {
+                    super::super::msg::TABLES_READY
+                } else {
+                    0
+                };
             cal.get(level)
                 .map(|s| (level.code() | ready, (s.decode_rate * threads) as u64))
         })

@@ -8,7 +8,7 @@ use kvwire_codec::Encoder;
 
 use super::{KvSender, SendOptions};
 use crate::policy::{self, Calibration, LevelCost, PolicyInputs, PolicyOptions, PolicySummary};
-use crate::session::msg::TABLES_READY;
+use crate::session::msg::{ACCEPTS_PREPARE, LEVEL_CODE, TABLES_READY};
 
 /// The policy's live state.
 pub(super) struct Live {
@@ -36,6 +36,9 @@ pub(super) struct Live {
     pub(super) shared_cpu: bool,
     /// Cores of this machine (the transport's CPU time spreads over them as the codec's does).
     pub(super) cores: f64,
+    /// Per candidate: the receiver said it lacks the level's model tables and accepts
+    /// `Prepare`, and has not been sent one yet.
+    pub(super) receiver_unready: Vec<bool>,
     /// The transport's CPU seconds per byte sent, measured by the probe (0 until then, and
     /// where the fabric does not report it); the receiver is taken to pay the same.
     pub(super) wire_cpu: f64,
@@ -54,13 +57,15 @@ impl KvSender<'_> {
         Some((end, held))
     }
 
-    /// The policy's level for the next block (index into the encoders).
-    pub(super) fn decide(&self, layer: usize, chunk: usize) -> usize {
+    /// The policy's level for the next block (index into the encoders), and whether it is
+    /// that level's first block and the receiver said it lacks its model tables (the caller
+    /// tells it to build them now: `Prepare`).
+    pub(super) fn decide(&self, layer: usize, chunk: usize) -> (usize, bool) {
         let mut p = self.lock();
         let rate = p.rate.rate();
         let elapsed = self.started.elapsed().as_secs_f64();
         let Some(live) = &mut p.live else {
-            return 0;
+            return (0, false);
         };
         let costs = live.costs_now();
         // Nothing measured (a probe-less start without an initial rate): assume a fast link.
@@ -90,7 +95,8 @@ impl KvSender<'_> {
         }
         live.last = Some(choice.index);
         tracing::debug!(layer, chunk, level = %choice.level, link_bps = link_rate, predicted_s = choice.predicted, "policy decision");
-        choice.index
+        let announce = std::mem::take(&mut live.receiver_unready[choice.index]);
+        (choice.index, announce)
     }
 
     /// Records an encoded block's size and encode time ([`Live::observe`]).
@@ -165,6 +171,7 @@ pub(super) fn live_state(
         0 => thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     } as f64;
+    let mut receiver_unready = Vec::with_capacity(encoders.len());
     let costs: Vec<LevelCost> = encoders
         .iter()
         .map(|e| {
@@ -172,11 +179,12 @@ pub(super) fn live_state(
             let speed = cal.get(level);
             let report = decode_rates
                 .iter()
-                .find(|(c, _)| c & !TABLES_READY == level.code());
+                .find(|(c, _)| c & LEVEL_CODE == level.code());
             let reported = report.map(|&(_, r)| r as f64).filter(|r| *r > 0.0);
             // Each end not yet holding the level's tables builds them on its first block.
-            let unready = u8::from(!e.header().models_ready())
-                + u8::from(report.is_none_or(|(c, _)| c & TABLES_READY == 0));
+            let there = report.is_none_or(|(c, _)| c & TABLES_READY == 0);
+            receiver_unready.push(there && report.is_some_and(|(c, _)| c & ACCEPTS_PREPARE != 0));
+            let unready = u8::from(!e.header().models_ready()) + u8::from(there);
             LevelCost {
                 level,
                 ratio: speed.map_or(1.0, |s| s.ratio),
@@ -203,6 +211,7 @@ pub(super) fn live_state(
         last: None,
         summary: PolicySummary::default(),
         shared_cpu: false,
+        receiver_unready,
         cores: cal.cores.max(1) as f64,
         wire_cpu: 0.0,
     }
@@ -238,6 +247,7 @@ mod tests {
             last: None,
             summary: PolicySummary::default(),
             shared_cpu,
+            receiver_unready: vec![true; 2],
             cores: 2.0,
             wire_cpu: 0.0,
         }
@@ -282,6 +292,28 @@ mod tests {
         let l = live_state(&PolicyOptions::default(), &cal, &encoders, &ready, &opts);
         assert_eq!(l.costs[1].decode_rate, 1e9);
         assert_eq!(l.costs[0].setup, 0.0);
+        // Prepare goes to a receiver lacking the tables only if it said it accepts it.
+        assert_eq!(l.receiver_unready, [false, false]);
+        let unready = |rates: &[(u8, u64)]| {
+            live_state(&PolicyOptions::default(), &cal, &encoders, rates, &opts).receiver_unready
+        };
+        let code = Level::CgLow.code();
+        assert_eq!(unready(&[(code, 1)]), [false, false]);
+        assert_eq!(unready(&[(code | ACCEPTS_PREPARE, 1)]), [false, true]);
+        let both = code | ACCEPTS_PREPARE | TABLES_READY;
+        assert_eq!(unready(&[(both, 1)]), [false, false]);
+        assert_eq!(
+            live_state(
+                &PolicyOptions::default(),
+                &cal,
+                &encoders,
+                &[(both, 7)],
+                &opts
+            )
+            .costs[1]
+                .decode_rate,
+            7.0
+        );
     }
 
     #[test]
