@@ -25,7 +25,7 @@ pub const MAX_REASON: usize = 1024;
 /// Most candidate levels a `BeginLevels` announces.
 pub const MAX_LEVELS: usize = 8;
 /// Set in a `ReadyRates` level code: the receiver has that level's model tables built (a
-/// first block of it costs no setup there). Level codes stay below it.
+/// first block of it costs no setup there). Level codes stay below [`ACCEPTS_PREPARE`].
 pub const TABLES_READY: u8 = 0x80;
 
 /// Set in a `ReadyRates` level code: the receiver accepts `Prepare` (tag 8) for that level; a

@@ -314,7 +314,6 @@ impl<'c> KvSender<'c> {
     fn on_event(&self, ev: Event) -> Result<()> {
         match ev {
             Event::WriteDone { buf, wr_id } => {
-                tracing::trace!(target: "kvwire_tl", t_us = self.started.elapsed().as_micros() as u64, wr_id, "done");
                 let mut p = self.lock();
                 p.outstanding -= 1;
                 if let Some((bytes, begin, paced, queued)) = p.in_flight.remove(&wr_id) {
@@ -429,7 +428,6 @@ impl<'c> KvSender<'c> {
                     p.in_flight
                         .insert(wr, (buf.len() as u64, begin, paced, queued));
                 }
-                tracing::trace!(target: "kvwire_tl", t_us = this.started.elapsed().as_micros() as u64, wr, enc_us = 0u64, "post");
                 this.post_to_slot(buf, slot, imm, wr)?;
             }
         };
