@@ -153,7 +153,8 @@ impl KvShape {
         Ok(s)
     }
 
-    /// Checks that no dimension is zero and the element count is below [`MAX_ELEMENTS`].
+    /// Checks that no dimension is zero and the element count is below `MAX_ELEMENTS`
+    /// (2^40).
     pub fn validate(&self) -> Result<()> {
         let dims = [self.layers, self.kv_heads, self.tokens, self.head_dim];
         if dims.contains(&0) {

@@ -18,10 +18,10 @@
 //! # Ok::<(), kvwire_codec::CodecError>(())
 //! ```
 //!
-//! Modules: [`layout`] (typed views), [`quant`] (the quantizer), [`model`] and [`rans`] (the
-//! native entropy model family and coder), [`native`] (per-channel model choice and lanes),
-//! [`lmcache`] (the bit-exact reference coder), [`container`] (the bitstream), [`file`]
-//! (safetensors KV files).
+//! Modules: the typed views ([`KvView`], [`KvCache`]), [`quant`] (the quantizer), [`model`] and
+//! [`rans`] (the native entropy model family and coder), [`native`] (per-channel model choice
+//! and lanes), [`lmcache`] (the bit-exact reference coder), [`container`] (the bitstream),
+//! [`mod@file`] (safetensors KV files).
 //!
 //! # Thread safety
 //! Encoders and decoders are immutable and `Sync`; whole-cache calls use rayon's global pool.

@@ -62,7 +62,8 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// An endpoint with no regions yet; for the verbs fabric, on the first RDMA device with
-    /// its port 1 and the GID chosen automatically (see [`Self::with_device`]).
+    /// its port 1 and the GID chosen automatically (`Endpoint::with_device`, with the `verbs`
+    /// feature, picks another).
     ///
     /// # Errors
     /// [`TransportError::Invalid`] for a bad stream count, or verbs asked of a build without

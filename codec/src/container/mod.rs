@@ -2,7 +2,7 @@
 //!
 //! The byte-by-byte specification is `codec/FORMAT.md`; this module is its reference reader
 //! and writer. Readers reject an unknown magic or version, reserved bits, out-of-range
-//! fields and bad checksums with a [`DecodeError`], and never allocate more than the header's
+//! fields and bad checksums with a [`DecodeError`](crate::DecodeError), and never allocate more than the header's
 //! shape justifies (see [`Header::min_encoded_len`]).
 
 mod block;
