@@ -12,3 +12,15 @@ mod send;
 pub(crate) use recv::layer_bytes;
 pub use recv::{recv_kv, KvReceiver, RecvOptions, RecvSlots, RecvStats};
 pub use send::{send_kv, KvSender, SendOptions, SendStats};
+
+/// Builds the model tables of `header`'s level on a thread of their own, if it has any not
+/// built yet (a coder needing them meanwhile waits for them, or builds them itself).
+fn prepare_tables(header: &kvwire_codec::Header) {
+    if header.models_ready() {
+        return;
+    }
+    let header = header.clone();
+    let _ = std::thread::Builder::new()
+        .name("kvwire-tables".into())
+        .spawn(move || header.prepare_models());
+}

@@ -254,7 +254,7 @@ impl KvReceiver {
         if !levels_on_wire {
             // One level: its tables are needed for the first block; build them while the
             // sender starts up (a multi-level sender says which level comes next: Prepare).
-            prepare_tables(decoder.header());
+            super::prepare_tables(decoder.header());
         }
         let spec = decoder.header().spec;
         let total_bytes = spec.byte_len() as u64;
@@ -553,18 +553,6 @@ fn refuse(conn: &Connection, e: TransportError) -> TransportError {
         .to_bytes(),
     );
     e
-}
-
-/// Builds the model tables of `header`'s level on a thread of their own, if it has any not
-/// built yet (a decoder needing them meanwhile waits for them, or builds them itself).
-fn prepare_tables(header: &kvwire_codec::Header) {
-    if header.models_ready() {
-        return;
-    }
-    let header = header.clone();
-    let _ = thread::Builder::new()
-        .name("kvwire-tables".into())
-        .spawn(move || header.prepare_models());
 }
 
 #[cfg(test)]

@@ -134,10 +134,7 @@ impl<'c> KvSender<'c> {
         // timed): building every candidate's up front cost tens of milliseconds of CPU that
         // a fast link's transfer, at a level needing none of them, could not hide.
         if opts.policy.is_none() {
-            let header = encoders[0].header().clone();
-            let _ = thread::Builder::new()
-                .name("kvwire-tables".into())
-                .spawn(move || header.prepare_models());
+            super::prepare_tables(encoders[0].header());
         }
         let chunks = encoders[0].header().chunks();
         // A policy transfer keeps layer 4095 free for the probe's immediate.

@@ -90,7 +90,7 @@ pub(super) fn drive(
                         return;
                     };
                     tracing::debug!(level = %d.header().level, "sender announced a level: building its tables");
-                    super::prepare_tables(d.header());
+                    super::super::prepare_tables(d.header());
                 }
                 Ok(other) => {
                     sh.fail(TransportError::Protocol(format!(
