@@ -524,3 +524,48 @@ fn cli_fabric_auto_falls_back_to_tcp_and_says_so_once() {
         "raw over the fallback must be bit-exact"
     );
 }
+
+/// `recv --transfers 3`: one receiver takes three senders in turn, each into the memory of the
+/// last cache, and writes each to its own file.
+#[test]
+fn cli_recv_takes_several_transfers_into_reused_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = 22_000 + (std::process::id() % 20_000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let rx = Command::new(kvwire_bin())
+        .args(["recv", "--listen", &addr, "--transfers", "3", "--json"])
+        .args(["--accept-timeout", "30", "-o"])
+        .arg(dir.path().join("out-{n}.safetensors"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for level in ["raw", "cg-default", "raw"] {
+        let mut send: Vec<OsString> = ["send", "--connect", &addr, "--level", level]
+            .map(OsString::from)
+            .to_vec();
+        send.push(fixture_path().into());
+        assert_ok(&kvwire(send), level);
+    }
+    let rx = rx.wait_with_output().unwrap();
+    assert_ok(&rx, "recv --transfers 3");
+    let lines: Vec<serde_json::Value> = text(&rx.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "one JSON line per transfer");
+    for (i, (l, level)) in lines.iter().zip(["raw", "cg-default", "raw"]).enumerate() {
+        assert_eq!(l["transfer"], i + 1);
+        assert_eq!(l["level"], level);
+        assert_eq!(l["memory_reused"], i > 0, "transfer {}", i + 1);
+    }
+    let want = file::load(fixture_path()).unwrap();
+    for n in [1, 3] {
+        let got = file::load(dir.path().join(format!("out-{n}.safetensors"))).unwrap();
+        assert!(got.cache == want.cache, "raw transfer {n} is bit-exact");
+    }
+    let lossy = file::load(dir.path().join("out-2.safetensors")).unwrap();
+    assert_eq!(lossy.cache.spec(), want.cache.spec());
+    assert!(lossy.cache != want.cache, "cg-default is lossy");
+}

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kvwire_codec::{file, EncodeOptions, KvView, Level};
+use kvwire_codec::{file, EncodeOptions, KvCache, KvView, Level};
 use kvwire_transport::policy::{Calibration, PolicyOptions};
 use kvwire_transport::session::{
     send_kv, KvReceiver, KvSender, RecvOptions, RecvSlots, SendOptions,
 };
-use kvwire_transport::{Endpoint, EndpointConfig, FabricKind};
+use kvwire_transport::{Connection, Endpoint, EndpointConfig, FabricKind};
 
 /// Options both sides share.
 #[derive(Debug, Args)]
@@ -132,9 +132,16 @@ pub(crate) struct RecvArgs {
     /// Address to listen on (host:port).
     #[arg(long)]
     listen: String,
-    /// Where to write the received cache (.safetensors).
+    /// Where to write the received cache (.safetensors); with `--transfers` above 1, `{n}` in
+    /// the path is replaced by the transfer's number (from 1), else each transfer overwrites
+    /// the file.
     #[arg(short = 'o', long = "output")]
     output: PathBuf,
+    /// Transfers to receive, one per connection, one after the other; each decodes into the
+    /// memory of the last one's cache (warm pages, no allocation), as a long-lived decode
+    /// worker would. 0: until interrupted.
+    #[arg(long, default_value_t = 1)]
+    transfers: u64,
     /// Receive slots (blocks in flight).
     #[arg(long, default_value_t = 16)]
     slots: u16,
@@ -325,14 +332,37 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
     if !(a.accept_timeout.is_finite() && a.accept_timeout > 0.0 && a.accept_timeout < 86_400.0) {
         anyhow::bail!("--accept-timeout must be between 0 and 86400 seconds");
     }
-    let conn = listener.accept(Duration::from_secs_f64(a.accept_timeout))?;
     let opts = RecvOptions {
         threads: a.link.threads,
         timeout: a.link.timeout()?,
         ..RecvOptions::default()
     };
+    let mut memory = Vec::new();
+    let mut n = 0u64;
+    while a.transfers == 0 || n < a.transfers {
+        n += 1;
+        let conn = listener.accept(Duration::from_secs_f64(a.accept_timeout))?;
+        let cache = recv_one(a, &ep, &conn, &slots, &opts, memory, n)?;
+        memory = cache.into_bytes();
+    }
+    Ok(())
+}
+
+/// Receives transfer number `n` on `conn` into `memory` (reused when large enough), writes
+/// it out and reports it; gives the cache back for the next transfer's memory.
+fn recv_one(
+    a: &RecvArgs,
+    ep: &Endpoint,
+    conn: &Connection,
+    slots: &RecvSlots,
+    opts: &RecvOptions,
+    memory: Vec<u8>,
+    n: u64,
+) -> Result<KvCache> {
+    let reused = memory.capacity();
     let cpu_before = process_cpu();
-    let rx = KvReceiver::accept_whole(&conn, &slots, &opts).context("starting the transfer")?;
+    let rx = KvReceiver::accept_whole_into(conn, slots, opts, memory)
+        .context("starting the transfer")?;
     let levels = rx.levels();
     let level = if levels.len() == 1 {
         levels[0].to_string()
@@ -341,13 +371,20 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
     };
     let (cache, st) = rx.recv_all().context("receiving")?;
     let cpu = process_cpu().saturating_sub(cpu_before);
-    file::save(&a.output, &cache, &HashMap::new())
-        .with_context(|| format!("writing {}", a.output.display()))?;
+    let reused = reused >= cache.bytes().len();
+    let output = if a.transfers == 1 {
+        a.output.clone()
+    } else {
+        PathBuf::from(a.output.to_string_lossy().replace("{n}", &n.to_string()))
+    };
+    file::save(&output, &cache, &HashMap::new())
+        .with_context(|| format!("writing {}", output.display()))?;
     let spec = cache.spec();
     if a.link.json {
         println!(
             "{}",
             serde_json::json!({
+                "transfer": n,
                 "level": level,
                 "fabric": ep.config().fabric.name(),
                 "layers": spec.shape.layers,
@@ -356,7 +393,8 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
                 "wire_bytes": st.wire_bytes,
                 "elapsed_s": st.elapsed.as_secs_f64(),
                 "cpu_s": cpu.as_secs_f64(),
-                "output": a.output.display().to_string(),
+                "memory_reused": reused,
+                "output": output.display().to_string(),
             })
         );
     } else {
@@ -369,10 +407,10 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
             level,
             st.wire_bytes,
             st.elapsed.as_secs_f64() * 1e3,
-            a.output.display()
+            output.display()
         );
     }
-    Ok(())
+    Ok(cache)
 }
 
 /// CPU time of this process so far, all its threads (those that ended included).

@@ -6,9 +6,15 @@
 #
 #   tests/netns/policy-bench.sh [--kv FILE] [--rates "0.3gbit 1gbit 3gbit 10gbit unshaped"]
 #                               [--levels "raw q8 cg-high cg-default cg-low auto"] [--reps N]
+#                               [--receiver warm|fresh]
 #
 # "unshaped": the veth pair with its tbf qdiscs removed. Both ends share this machine's
 # cores (no pinning): the codec competes with the other side and with anything else running.
+# --receiver warm (default): one `kvwire recv --transfers` per rate, as a long-lived decode
+# worker, each transfer decoding into the last one's memory (an untimed transfer first warms
+# it); fresh: a new receiver process per transfer, decoding into fresh pages (on this VM the
+# first touch of fresh memory costs the receiver 1-3x from run to run). Every sender is a new
+# process and probes the link. The received caches go to /dev/null.
 # KVWIRE_BIN selects the binary (default target/release/kvwire); exits 77 (skip) when
 # network namespaces are not available here.
 set -euo pipefail
@@ -21,6 +27,7 @@ KV=$ROOT/data/smollm2-pydoc-4096.safetensors
 RATES="0.3gbit 1gbit 3gbit 10gbit unshaped"
 LEVELS="raw q8 cg-high cg-default cg-low auto"
 REPS=1
+RECEIVER=warm
 
 while (($# > 0)); do
     case $1 in
@@ -28,10 +35,12 @@ while (($# > 0)); do
         --rates) RATES=$2; shift 2 ;;
         --levels) LEVELS=$2; shift 2 ;;
         --reps) REPS=$2; shift 2 ;;
-        *) echo "usage: $0 [--kv FILE] [--rates LIST] [--levels LIST] [--reps N]" >&2; exit 2 ;;
+        --receiver) RECEIVER=$2; shift 2 ;;
+        *) echo "usage: $0 [--kv FILE] [--rates LIST] [--levels LIST] [--reps N] [--receiver warm|fresh]" >&2; exit 2 ;;
     esac
 done
 [[ -x $BIN ]] || { echo "no kvwire binary at $BIN (cargo build --release -p kvwire-bench)" >&2; exit 2; }
+[[ $RECEIVER == warm || $RECEIVER == fresh ]] || { echo "--receiver is warm or fresh" >&2; exit 2; }
 [[ -f $KV ]] || { echo "no KV file at $KV (see tools/realkv, or pass --kv)" >&2; exit 2; }
 "$NET" check || exit $?
 
@@ -41,23 +50,35 @@ cleanup() { "$NET" down --name "$NAME" >/dev/null 2>&1 || true; rm -rf "$TMP"; }
 trap cleanup EXIT
 
 PORT=47500
-# One transfer at level $1; prints the sender's JSON line.
-transfer() {
-    local level=$1
+# Starts a receiver for $1 transfers on a new port, in the background (RPID).
+start_receiver() {
     PORT=$((PORT + 1))
-    "$NET" exec b --name "$NAME" -- "$BIN" recv --calibrate --listen "$ADDR_B:$PORT" -o "$TMP/out.safetensors" \
-        --timeout 60 --accept-timeout 60 --json >"$TMP/recv.json" 2>"$TMP/recv.err" &
-    local rpid=$!
+    "$NET" exec b --name "$NAME" -- "$BIN" recv --calibrate --listen "$ADDR_B:$PORT" -o /dev/null \
+        --transfers "$1" --timeout 60 --accept-timeout 60 --json >"$TMP/recv.json" 2>"$TMP/recv.err" &
+    RPID=$!
+}
+# One transfer at level $1 to the receiver on PORT (retried while it is not listening yet);
+# prints the sender's JSON line.
+send_one() {
     local tries=0
-    until "$NET" exec a --name "$NAME" -- "$BIN" send --connect "$ADDR_B:$PORT" "$KV" --level "$level" \
+    until "$NET" exec a --name "$NAME" -- "$BIN" send --connect "$ADDR_B:$PORT" "$KV" --level "$1" \
         --timeout 60 --json >"$TMP/send.json" 2>"$TMP/send.err"; do
         tries=$((tries + 1))
         if ((tries > 100)) || ! grep -q "refused" "$TMP/send.err"; then
-            cat "$TMP/send.err" "$TMP/recv.err" >&2; kill "$rpid" 2>/dev/null || true; exit 1
+            cat "$TMP/send.err" "$TMP/recv.err" >&2; kill "$RPID" 2>/dev/null || true; exit 1
         fi
         sleep 0.1
     done
-    wait "$rpid"
+}
+# One timed transfer at level $1; prints the sender's JSON line.
+transfer() {
+    if [[ $RECEIVER == fresh ]]; then
+        start_receiver 1
+        send_one "$1"
+        wait "$RPID"
+    else
+        send_one "$1"
+    fi
     cat "$TMP/send.json"
 }
 
@@ -75,16 +96,22 @@ for rate in $RATES; do
     fi
     # The receiver's calibration is measured once per build and cached: do it before timing.
     "$BIN" recv --calibrate --listen 127.0.0.1:1 -o /dev/null --accept-timeout 0.01 >/dev/null 2>&1 || true
+    if [[ $RECEIVER == warm ]]; then
+        start_receiver $((REPS * $(wc -w <<<"$LEVELS") + 1))
+        send_one cg-low # untimed: the receiver's memory is touched once
+    fi
     for ((i = 0; i < REPS; i++)); do
         for level in $LEVELS; do
-            line=$(transfer "$level")
-            python3 -c "import json,sys; d=json.loads(sys.argv[2]); d['rate']=sys.argv[1]; print(json.dumps(d))" \
-                "$rate" "$line" >>"$RESULTS"
+            # Not in a subshell: the receiver's port and pid stay with this shell.
+            transfer "$level" >"$TMP/line.json"
+            python3 -c "import json,sys; d=json.load(open(sys.argv[2])); d['rate']=sys.argv[1]; print(json.dumps(d))" \
+                "$rate" "$TMP/line.json" >>"$RESULTS"
         done
     done
+    [[ $RECEIVER == fresh ]] || wait "$RPID"
 done
 
-python3 - "$RESULTS" "$KV" "$RATES" "$LEVELS" <<'PY'
+python3 - "$RESULTS" "$KV" "$RATES" "$LEVELS" "$RECEIVER" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 rates, levels = sys.argv[3].split(), sys.argv[4].split()
@@ -92,7 +119,7 @@ t = {}
 for r in rows:
     t.setdefault((r["rate"], r["level"]), []).append(r["last_layer_decoded_s"] * 1e3)
 med = {k: statistics.median(v) for k, v in t.items()}
-print(f"KV {sys.argv[2]}: send-to-last-layer-decoded, ms (median of {len(next(iter(t.values())))})")
+print(f"KV {sys.argv[2]}: send-to-last-layer-decoded, ms (median of {len(next(iter(t.values())))}; {sys.argv[5]} receiver)")
 print(f"{'rate':>10} " + " ".join(f"{l:>10}" for l in levels) + "   auto/best  auto's blocks per run")
 summary = []
 for rate in rates:

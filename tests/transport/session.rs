@@ -105,6 +105,51 @@ fn every_level_arrives_within_its_bound_over_both_fabrics() {
 }
 
 #[test]
+fn a_whole_receiver_decodes_into_given_memory_and_overwrites_every_byte() {
+    let l = link(config(FabricKind::Tcp), 8, 1 << 20);
+    let hf = fixture_head(4);
+    let vllm = hf.view().to_layout(Layout::Vllm);
+    let len = hf.bytes().len();
+    // Memory holding garbage, with room to spare: a raw transfer must come out bit-exact,
+    // so no byte of the garbage may survive, in either layout.
+    let mut memory = vec![0xa5u8; len + 4096];
+    for kv in [&hf, &vllm, &hf] {
+        let at = memory.as_ptr();
+        memory.iter_mut().for_each(|b| *b = 0xa5);
+        let got = std::thread::scope(|s| {
+            let sender = s.spawn(|| send_kv(&l.tx, &kv.view(), &opts(Level::Raw, 16)));
+            let got = KvReceiver::accept_whole_into(&l.rx, &l.slots, &recv_opts(), memory)
+                .and_then(KvReceiver::recv_all);
+            sender.join().unwrap().unwrap();
+            got.unwrap().0
+        });
+        assert_eq!(got.spec(), kv.spec());
+        assert!(
+            got.bytes() == kv.bytes(),
+            "raw into reused memory is bit-exact"
+        );
+        assert_eq!(
+            got.bytes().as_ptr(),
+            at,
+            "the given memory was used, not a copy"
+        );
+        memory = got.into_bytes();
+    }
+    // A lossy level into the same memory; then memory too small for the cache: a fresh one.
+    for memory in [memory, vec![0xa5u8; len / 2]] {
+        let o = opts(Level::CgDefault, 16);
+        let got = std::thread::scope(|s| {
+            let sender = s.spawn(|| send_kv(&l.tx, &hf.view(), &o));
+            let got = KvReceiver::accept_whole_into(&l.rx, &l.slots, &recv_opts(), memory)
+                .and_then(KvReceiver::recv_all);
+            sender.join().unwrap().unwrap();
+            got.unwrap().0
+        });
+        check_within_bound(&hf.view(), &got, &o.encode).unwrap();
+    }
+}
+
+#[test]
 fn the_whole_fixture_in_vllm_layout_arrives() {
     let kv = fixture().view().to_layout(Layout::Vllm);
     let l = link(config(FabricKind::Tcp), 16, 1 << 20);

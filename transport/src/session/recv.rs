@@ -173,7 +173,7 @@ impl KvReceiver {
     /// Nothing announced within the timeout; a bad codec header; a cache larger than
     /// `max_kv_bytes`; a failed connection.
     pub fn accept(conn: &Connection, slots: &RecvSlots, opts: &RecvOptions) -> Result<Self> {
-        Self::start(conn, slots, opts, false)
+        Self::start(conn, slots, opts, Placement::Layers)
     }
 
     /// As [`Self::accept`], for a receiver that wants the whole cache: it is allocated at
@@ -184,16 +184,35 @@ impl KvReceiver {
     /// # Errors
     /// As [`Self::accept`]; the cache cannot be allocated.
     pub fn accept_whole(conn: &Connection, slots: &RecvSlots, opts: &RecvOptions) -> Result<Self> {
-        Self::start(conn, slots, opts, true)
+        Self::start(conn, slots, opts, Placement::Whole(None))
     }
 
-    /// `accept` (`collect` false) or `accept_whole` (true).
+    /// As [`Self::accept_whole`], decoding into `memory` when its capacity holds the announced
+    /// cache (a long-lived receiver handing back the memory of its last cache, or a serving
+    /// framework's own buffer): no allocation, and no page faults on memory already touched.
+    /// Every byte of it is overwritten by the transfer's blocks before [`Self::recv_all`]
+    /// returns it; memory too small is dropped and a fresh cache allocated. On an error the
+    /// memory is dropped.
+    ///
+    /// # Errors
+    /// As [`Self::accept_whole`].
+    pub fn accept_whole_into(
+        conn: &Connection,
+        slots: &RecvSlots,
+        opts: &RecvOptions,
+        memory: Vec<u8>,
+    ) -> Result<Self> {
+        Self::start(conn, slots, opts, Placement::Whole(Some(memory)))
+    }
+
+    /// `accept` (per-layer buffers) or `accept_whole` (one cache).
     fn start(
         conn: &Connection,
         slots: &RecvSlots,
         opts: &RecvOptions,
-        collect: bool,
+        placement: Placement,
     ) -> Result<Self> {
+        let collect = matches!(placement, Placement::Whole(_));
         let (headers, levels_on_wire) = loop {
             match conn.poll(opts.timeout)? {
                 Some(Event::Message(m)) => match SessionMsg::from_bytes(&m)? {
@@ -280,10 +299,9 @@ impl KvReceiver {
             slots.slots,
             decoder.chunk_spec(0).byte_len() as u64,
         );
-        let cache = if collect {
-            Some(zeroed_cache(spec).map_err(|e| refuse(conn, e))?)
-        } else {
-            None
+        let cache = match placement {
+            Placement::Whole(memory) => Some(cache_in(spec, memory).map_err(|e| refuse(conn, e))?),
+            Placement::Layers => None,
         };
         let (tx, rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
@@ -507,6 +525,28 @@ pub fn recv_kv(
     opts: &RecvOptions,
 ) -> Result<(KvCache, RecvStats)> {
     KvReceiver::accept_whole(conn, slots, opts)?.recv_all()
+}
+
+/// Where a receiver puts the decoded chunks.
+enum Placement {
+    /// A buffer per layer, handed out as the layer completes.
+    Layers,
+    /// One cache for the whole transfer, in this memory if it is large enough.
+    Whole(Option<Vec<u8>>),
+}
+
+/// A cache of `spec` in `memory` if its capacity holds one (its old bytes stay until the
+/// blocks overwrite them), else a fresh one ([`zeroed_cache`]).
+fn cache_in(spec: KvSpec, memory: Option<Vec<u8>>) -> Result<KvCache> {
+    let bytes = spec.byte_len();
+    match memory {
+        Some(mut m) if m.capacity() >= bytes => {
+            // Within the capacity: no reallocation; only a grown tail is written (zeros).
+            m.resize(bytes, 0);
+            Ok(KvCache::from_bytes(spec, m)?)
+        }
+        _ => zeroed_cache(spec),
+    }
 }
 
 /// A cache of `spec` on untouched zero pages ([`crate::raw::zeroed_vec`]).
