@@ -268,6 +268,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
             "wire_cpu_ns_per_byte": p.wire_cpu_ps as f64 / 1e3,
             "switches": p.switches,
             "shared_cpu": p.shared_cpu,
+            "probed": p.probed,
             "first_level": Level::from_code(p.first_level).map(|l| l.to_string()),
             "last_level": Level::from_code(p.last_level).map(|l| l.to_string()),
         })

@@ -275,3 +275,75 @@ fn a_rate_lowered_mid_transfer_switches_later_blocks_to_a_smaller_level() {
     let got = kvwire_codec::file::load(&out).unwrap().cache;
     check_within_bound(&kv.view(), &got, &EncodeOptions::level(Level::CgLow)).unwrap();
 }
+
+/// A connection keeps what a transfer measured of its link ([`LinkEstimate`]): the next
+/// policy transfer on it starts from that instead of probing, unless told to probe; a
+/// transfer too short for its windows to confirm a rate leaves nothing.
+#[test]
+fn a_connection_keeps_its_link_estimate_for_the_next_transfer() {
+    let cfg = config(FabricKind::Tcp);
+    let er = Endpoint::new(cfg.clone()).unwrap();
+    let es = Endpoint::new(cfg).unwrap();
+    let slots = RecvSlots::register(&er, 16, 1 << 20).unwrap();
+    let l = er.listen("127.0.0.1:0").unwrap();
+    let addr = l.local_addr();
+    let connect = || {
+        let es = es.clone();
+        let t = std::thread::spawn(move || es.connect(addr).unwrap());
+        let rx = l.accept(Duration::from_secs(5)).unwrap();
+        (t.join().unwrap(), rx)
+    };
+    let send = |tx: &kvwire_transport::Connection,
+                rx: &kvwire_transport::Connection,
+                kv: &KvCache,
+                o: &SendOptions| {
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| send_kv(tx, &kv.view(), o));
+            let ro = RecvOptions {
+                timeout: Duration::from_secs(10),
+                ..RecvOptions::default()
+            };
+            KvReceiver::accept_whole(rx, &slots, &ro)
+                .and_then(KvReceiver::recv_all)
+                .unwrap();
+            sender.join().unwrap().unwrap()
+        })
+    };
+    let (tx, rx) = connect();
+    assert_eq!(tx.link_estimate(), None, "a new connection knows nothing");
+    // 1.2 MB paced at 20 MB/s: about 60 ms of windows on a backlogged link.
+    let kv = fixture_head(6);
+    let pace = 20_000_000;
+    let mut fixed = auto(None, Some(pace), None);
+    fixed.policy = None;
+    send(&tx, &rx, &kv, &fixed);
+    let e = tx.link_estimate().expect("a confirmed estimate is kept");
+    assert!(
+        (14e6..26e6).contains(&e.rate),
+        "kept {} B/s for a 20 MB/s link",
+        e.rate
+    );
+    // The next policy transfer starts from it, without a probe.
+    let s = send(&tx, &rx, &kv, &auto(None, Some(pace), None))
+        .policy
+        .unwrap();
+    assert!(!s.probed, "{s:?}");
+    assert_eq!(s.first_rate, e.rate as u64);
+    // Told to, it probes all the same.
+    let mut probing = auto(None, Some(pace), None);
+    probing.policy.as_mut().unwrap().always_probe = true;
+    assert!(send(&tx, &rx, &kv, &probing).policy.unwrap().probed);
+    // Another connection starts from nothing; a transfer of one small layer, which never
+    // backlogs the link, confirms no rate and leaves nothing either.
+    let (tx2, rx2) = connect();
+    let mut small = auto(None, None, None);
+    small.policy = None;
+    send(&tx2, &rx2, &fixture_head(1), &small);
+    assert_eq!(tx2.link_estimate(), None);
+    assert!(
+        send(&tx2, &rx2, &kv, &auto(None, Some(pace), None))
+            .policy
+            .unwrap()
+            .probed
+    );
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::error::Result;
 use crate::meta::{EndpointMeta, FabricKind};
+use crate::policy::rate::LinkEstimate;
 use crate::region::{RegionId, RegionSlice};
 
 /// Bytes to write: an owned buffer (returned with the completion, for reuse) or a slice of
@@ -123,6 +124,17 @@ pub trait Link: Send + Sync {
     /// where the fabric does not measure it (RDMA moves bytes without the CPU).
     fn send_cpu(&self) -> Option<(u64, Duration)> {
         None
+    }
+
+    /// What the last transfer on this connection measured of the link, which the next one
+    /// starts from rather than probing (see [`LinkEstimate`]); `None` where nothing is kept.
+    fn link_estimate(&self) -> Option<LinkEstimate> {
+        None
+    }
+
+    /// Keeps what a transfer measured of the link for the next transfer on this connection.
+    fn set_link_estimate(&self, estimate: LinkEstimate) {
+        let _ = estimate;
     }
 }
 

@@ -14,7 +14,7 @@ pub mod rate;
 
 pub use calib::{Calibration, LevelSpeed};
 pub use model::{choose, Choice, LevelCost, PolicyInputs};
-pub use rate::{Pacer, RateEstimator};
+pub use rate::{LinkEstimate, Pacer, RateEstimator};
 
 use kvwire_codec::Level;
 
@@ -36,8 +36,12 @@ pub struct PolicyOptions {
     /// Deadline mode: the highest quality whose predicted finish meets this budget from the
     /// transfer's start (CacheGen §4); `None`: minimize the time to the last decoded layer.
     pub deadline: Option<std::time::Duration>,
-    /// Link rate to assume before any measurement, bytes/s (`None`: probe at the start).
+    /// Link rate to assume before any measurement, bytes/s (`None`: start from what an
+    /// earlier transfer on the connection measured, if fresh, else probe).
     pub initial_rate: Option<f64>,
+    /// Probe the link even where an earlier transfer on the connection left a fresh
+    /// estimate ([`LinkEstimate`]).
+    pub always_probe: bool,
     /// Codec speeds of this machine (`None`: load or measure [`Calibration::cached`]).
     pub calibration: Option<Calibration>,
 }
@@ -81,6 +85,9 @@ pub struct PolicySummary {
     pub last_level: u8,
     /// The receiver reported this machine's host id: the codec stages shared its cores.
     pub shared_cpu: bool,
+    /// Whether the transfer probed the link (else it started from an earlier transfer's
+    /// estimate on the connection, or from [`PolicyOptions::initial_rate`]).
+    pub probed: bool,
 }
 
 impl PolicySummary {

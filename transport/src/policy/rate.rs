@@ -25,6 +25,39 @@ use std::time::{Duration, Instant};
 /// a compressed level, well past what a round trip holds on a local link.
 pub const BACKLOG: u64 = 512 * 1024;
 
+/// What a finished transfer measured of its connection's link, kept on the connection
+/// ([`crate::link::Link::link_estimate`]) so that the next policy transfer on it starts from
+/// it instead of probing: a long-lived connection pays the probe once. Only estimates that
+/// windows of a backlogged link confirmed are kept ([`LinkEstimate::CONFIRMING_WINDOWS`]): a
+/// transfer bound by its encoder never sees the link and leaves the last one as it was (or
+/// none, and the next transfer probes). A rate that moved since is corrected by the windows
+/// as within a transfer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkEstimate {
+    /// Link rate, bytes/s.
+    pub rate: f64,
+    /// Round trip (from the probe that first measured the link; zero if none did).
+    pub rtt: Duration,
+    /// CPU seconds the transport spent per byte sent (0: not measured).
+    pub wire_cpu: f64,
+    /// When the transfer that measured it finished.
+    pub measured_at: Instant,
+}
+
+impl LinkEstimate {
+    /// How long an estimate stands in for a probe; older ones are probed again.
+    pub const TTL: Duration = Duration::from_secs(30);
+    /// Windows a transfer must have seen for its estimate to be kept.
+    pub const CONFIRMING_WINDOWS: u32 = 4;
+
+    /// Whether it may replace a probe at `now`.
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        self.rate.is_finite()
+            && self.rate > 0.0
+            && now.saturating_duration_since(self.measured_at) <= Self::TTL
+    }
+}
+
 /// Link-rate estimate of one path.
 #[derive(Debug, Clone)]
 pub struct RateEstimator {
@@ -166,6 +199,23 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_estimate_stands_in_for_a_probe_only_while_fresh() {
+        let now = Instant::now();
+        let e = LinkEstimate {
+            rate: 1.25e8,
+            rtt: Duration::from_micros(80),
+            wire_cpu: 0.4e-9,
+            measured_at: now,
+        };
+        assert!(e.is_fresh(now));
+        assert!(e.is_fresh(now + LinkEstimate::TTL));
+        assert!(!e.is_fresh(now + LinkEstimate::TTL + Duration::from_millis(1)));
+        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(!LinkEstimate { rate, ..e }.is_fresh(now), "{rate}");
+        }
+    }
 
     #[test]
     fn back_to_back_writes_measure_the_rate() {

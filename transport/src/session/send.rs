@@ -14,7 +14,9 @@ use super::msg::{BlockImm, SessionMsg, MAX_CHUNKS, MAX_LAYERS};
 use crate::endpoint::Connection;
 use crate::error::{Result, TransportError};
 use crate::link::{Event, SendBuf};
-use crate::policy::{self, Calibration, Pacer, PolicyOptions, PolicySummary, RateEstimator};
+use crate::policy::{
+    self, Calibration, LinkEstimate, Pacer, PolicyOptions, PolicySummary, RateEstimator,
+};
 use crate::region::RegionId;
 
 mod auto;
@@ -106,6 +108,9 @@ pub struct KvSender<'c> {
     blocks: usize,
     wire_bytes: AtomicUsize,
     next_wr: AtomicUsize,
+    /// The link's transport CPU counter when the blocks began
+    /// ([`crate::link::Link::send_cpu`]).
+    cpu_at_begin: Option<(u64, Duration)>,
 }
 
 impl<'c> KvSender<'c> {
@@ -227,7 +232,24 @@ impl<'c> KvSender<'c> {
             }
             _ => None,
         };
-        let initial = opts.policy.as_ref().and_then(|p| p.initial_rate);
+        // What an earlier transfer on this connection measured: its round trip serves every
+        // transfer's windows, and its rate stands in for a policy transfer's probe.
+        let earlier = conn.link_estimate().filter(|e| e.is_fresh(Instant::now()));
+        let (initial, from_earlier) = match &opts.policy {
+            Some(p) if p.initial_rate.is_some() => (p.initial_rate, false),
+            Some(p) if !p.always_probe => (earlier.map(|e| e.rate), earlier.is_some()),
+            _ => (None, false),
+        };
+        let mut rate = RateEstimator::new(initial);
+        if let Some(e) = earlier {
+            rate.set_rtt(e.rtt);
+        }
+        let mut live = live;
+        if let (Some(l), Some(e), true) = (&mut live, earlier, from_earlier) {
+            l.wire_cpu = e.wire_cpu;
+            l.summary.wire_cpu_ps = (e.wire_cpu * 1e12) as u64;
+            l.summary.rtt_ns = e.rtt.as_nanos() as u64;
+        }
         let mut sender = Self {
             conn,
             encoders,
@@ -241,7 +263,7 @@ impl<'c> KvSender<'c> {
                 outstanding: 0,
                 error: None,
                 complete: None,
-                rate: RateEstimator::new(initial),
+                rate,
                 in_flight: HashMap::new(),
                 pacer: opts.pace.map(Pacer::new),
                 live,
@@ -251,10 +273,20 @@ impl<'c> KvSender<'c> {
             blocks: 0,
             wire_bytes: AtomicUsize::new(header_len),
             next_wr: AtomicUsize::new(0),
+            cpu_at_begin: None,
         };
         if opts.policy.is_some() && initial.is_none() {
             sender.probe()?;
+            if let Some(l) = &mut sender.lock().live {
+                l.summary.probed = true;
+            }
+        } else if from_earlier {
+            tracing::debug!(
+                rate = initial,
+                "link estimate from an earlier transfer on this connection"
+            );
         }
+        sender.cpu_at_begin = conn.send_cpu();
         Ok(sender)
     }
 
@@ -533,6 +565,7 @@ impl<'c> KvSender<'c> {
                         self.blocks
                     )));
                 }
+                self.keep_link_estimate();
                 let policy = self.lock().live.as_ref().map(|l| l.summary);
                 if let Some(s) = &policy {
                     tracing::info!(levels = %s.counts(), first_bps = s.first_rate, last_bps = s.last_rate, switches = s.switches, "policy summary");
@@ -563,6 +596,33 @@ impl<'c> KvSender<'c> {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Leaves what this transfer measured of the link on the connection for the next
+    /// transfer ([`LinkEstimate`]), if windows of a backlogged link confirmed it.
+    fn keep_link_estimate(&self) {
+        let (rate, rtt, windows, probe_cpu) = {
+            let p = self.lock();
+            let probe_cpu = p.live.as_ref().map_or(0.0, |l| l.wire_cpu);
+            (p.rate.rate(), p.rate.rtt(), p.rate.samples(), probe_cpu)
+        };
+        let Some(rate) = rate.filter(|_| windows >= LinkEstimate::CONFIRMING_WINDOWS) else {
+            return;
+        };
+        // The transport's CPU per byte over this transfer's blocks, where enough went by.
+        let wire_cpu = match (self.cpu_at_begin, self.conn.send_cpu()) {
+            (Some((b0, c0)), Some((b1, c1))) if b1 > b0 + (1 << 20) => {
+                c1.saturating_sub(c0).as_secs_f64() / (b1 - b0) as f64
+            }
+            (None, None) => 0.0,
+            _ => probe_cpu,
+        };
+        self.conn.set_link_estimate(LinkEstimate {
+            rate,
+            rtt,
+            wire_cpu,
+            measured_at: Instant::now(),
+        });
     }
 }
 

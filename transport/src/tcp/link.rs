@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Result, TransportError};
 use crate::link::{Event, Link, Notification, SendBuf};
 use crate::meta::{EndpointMeta, FabricKind};
+use crate::policy::rate::LinkEstimate;
 use crate::proto::frame::{FrameHeader, FrameKind, HEADER_LEN, MAX_MSG_LEN};
 use crate::proto::handshake::close_frame;
 use crate::proto::{close_code, CloseCode, Core, Inbound};
@@ -184,6 +185,8 @@ pub(crate) struct SocketLink {
     shm: Option<ShmPath>,
     #[cfg(feature = "verbs")]
     verbs: Option<Arc<crate::verbs::VerbsPath>>,
+    /// What the last transfer on this connection measured of the link.
+    estimate: Mutex<Option<LinkEstimate>>,
 }
 
 /// The data path of a connection whose payloads do not travel on its sockets.
@@ -282,6 +285,7 @@ impl SocketLink {
             shm,
             #[cfg(feature = "verbs")]
             verbs,
+            estimate: Mutex::new(None),
         }))
     }
 
@@ -439,6 +443,14 @@ impl Link for SocketLink {
                 }
             }
         }
+    }
+
+    fn link_estimate(&self) -> Option<LinkEstimate> {
+        *self.estimate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_link_estimate(&self, estimate: LinkEstimate) {
+        *self.estimate.lock().unwrap_or_else(|p| p.into_inner()) = Some(estimate);
     }
 
     fn send_cpu(&self) -> Option<(u64, Duration)> {
