@@ -569,3 +569,61 @@ fn cli_recv_takes_several_transfers_into_reused_memory() {
     assert_eq!(lossy.cache.spec(), want.cache.spec());
     assert!(lossy.cache != want.cache, "cg-default is lossy");
 }
+
+/// `send` keeps what a transfer measured of the link to a peer (`links-v1` in the cache dir):
+/// the next `--level auto` run to that peer starts from it without probing, unless `--probe`.
+#[test]
+fn cli_send_starts_from_the_link_an_earlier_run_measured() {
+    let cache = tempfile::tempdir().unwrap();
+    let port = 23_000 + (std::process::id() % 20_000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let rx = Command::new(kvwire_bin())
+        .args([
+            "recv",
+            "--listen",
+            &addr,
+            "--transfers",
+            "3",
+            "--timeout",
+            "60",
+        ])
+        .args(["--accept-timeout", "120", "-o", "/dev/null"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // 5.9 MB paced at 40 MB/s: about 150 ms of windows on a backlogged link.
+    let send = |level: &str, probe: bool| -> serde_json::Value {
+        let mut c = Command::new(kvwire_bin());
+        c.env("XDG_CACHE_HOME", cache.path())
+            .args(["send", "--connect", &addr, "--level", level, "--json"])
+            .args(["--pace", "40MB", "--timeout", "60"])
+            .arg(fixture_path());
+        if probe {
+            c.arg("--probe");
+        }
+        let out = c.output().unwrap();
+        assert_ok(&out, level);
+        serde_json::from_str(text(&out.stdout).trim()).unwrap()
+    };
+    send("raw", false);
+    let saved = std::fs::read_to_string(cache.path().join("kvwire").join("links-v1")).unwrap();
+    assert!(saved.contains("tcp 127.0.0.1 "), "{saved}");
+    let p = &send("auto", false)["policy"];
+    assert_eq!(p["probed"], false, "{p}");
+    let gbps = p["first_link_gbps"].as_f64().unwrap();
+    assert!(
+        (0.22..0.42).contains(&gbps),
+        "started from {gbps} Gbit/s for 0.32"
+    );
+    assert_eq!(send("auto", true)["policy"]["probed"], true);
+    let rx = rx.wait_with_output().unwrap();
+    assert!(rx.status.success(), "{}", text(&rx.stderr));
+    // --probe without auto is refused like --floor.
+    let mut args: Vec<OsString> = ["send", "--connect", &addr, "--level", "raw", "--probe"]
+        .map(OsString::from)
+        .to_vec();
+    args.push(fixture_path().into());
+    assert!(assert_clean_error(&kvwire(args), "--probe with raw").contains("--probe"));
+}
