@@ -10,7 +10,6 @@
 mod codec_cmd;
 mod demo;
 mod eval;
-mod links;
 mod perf;
 mod topo_cmd;
 mod wire_cmd;

@@ -14,8 +14,6 @@ use kvwire_transport::session::{
 };
 use kvwire_transport::{Connection, Endpoint, EndpointConfig, FabricKind};
 
-use crate::links;
-
 /// Options both sides share.
 #[derive(Debug, Args)]
 pub(crate) struct LinkArgs {
@@ -114,10 +112,6 @@ pub(crate) struct SendArgs {
     /// many milliseconds (CacheGen's deadline mode).
     #[arg(long)]
     deadline_ms: Option<u64>,
-    /// With --level auto: probe the link even if a run to this peer in the last 30 s left
-    /// an estimate of it (`~/.cache/kvwire/links-v1`).
-    #[arg(long)]
-    probe: bool,
     /// Pace block writes to this rate (bytes/s, or with a unit: 300mbit, 1gbit, 2.5GB).
     #[arg(long, value_parser = parse_rate)]
     pace: Option<u64>,
@@ -213,20 +207,14 @@ fn parse_rate(s: &str) -> std::result::Result<u64, String> {
 }
 
 pub(crate) fn send(a: &SendArgs) -> Result<()> {
-    if a.level.0.is_some() && (a.floor.is_some() || a.deadline_ms.is_some() || a.probe) {
-        anyhow::bail!("--floor, --deadline-ms and --probe need --level auto");
+    if a.level.0.is_some() && (a.floor.is_some() || a.deadline_ms.is_some()) {
+        anyhow::bail!("--floor and --deadline-ms need --level auto");
     }
     let kv = file::load(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
     let ep = a.link.endpoint()?;
     let conn = ep
         .connect(a.connect.as_str())
         .with_context(|| format!("connecting to {}", a.connect))?;
-    // What an earlier run measured of the link to this peer (see `links`).
-    let fabric = conn.fabric().name();
-    let peer = links::peer_ip(&a.connect);
-    if let Some(e) = peer.and_then(|ip| links::load(fabric, ip)) {
-        conn.set_link_estimate(e);
-    }
     let mut enc = EncodeOptions::level(a.level.0.unwrap_or(Level::Raw));
     enc.chunk_tokens = a.chunk_tokens;
     let policy = match a.level.0 {
@@ -235,7 +223,6 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
             floor: a.floor,
             deadline: a.deadline_ms.map(Duration::from_millis),
             calibration: Some(Calibration::cached().context("calibrating the codec")?),
-            always_probe: a.probe,
             ..PolicyOptions::default()
         }),
     };
@@ -268,9 +255,6 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
         tx.finish().context("finishing the transfer")?
     };
     let cpu = process_cpu().saturating_sub(cpu_before);
-    if let (Some(ip), Some(e)) = (peer, conn.link_estimate()) {
-        links::save(fabric, ip, &e);
-    }
     conn.close("");
     let spec = kv.cache.spec();
     let fp16 = (spec.shape.elements() * 2) as f64;
