@@ -139,7 +139,7 @@ pub(crate) struct RecvArgs {
     output: PathBuf,
     /// Transfers to receive, one per connection, one after the other; each decodes into the
     /// memory of the last one's cache (warm pages, no allocation), as a long-lived decode
-    /// worker would. 0: until interrupted.
+    /// worker would. 0: no limit (it ends when no sender comes within --accept-timeout).
     #[arg(long, default_value_t = 1)]
     transfers: u64,
     /// Receive slots (blocks in flight).
