@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use kvwire_codec::{file, DType, EncodeOptions, Layout, Level};
-use kvwire_tests::{check_within_bound, convert, fixture, fixture_path, kvwire_bin};
+use kvwire_tests::{check_within_bound, convert, fixture, fixture_path, free_port, kvwire_bin};
 
 /// Command-line arguments from strings and paths.
 macro_rules! args {
@@ -419,7 +419,7 @@ fn cli_verbs_receiver_killed_mid_transfer_fails_the_sender() {
         return;
     }
     use std::time::{Duration, Instant};
-    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let out = std::env::temp_dir().join(format!("kvwire-killed-{port}.safetensors"));
     let mut rx = Command::new(kvwire_bin())
@@ -476,7 +476,7 @@ fn cli_fabric_auto_falls_back_to_tcp_and_says_so_once() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
-    let port = 21_000 + (std::process::id() % 20_000) as u16;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let rx = Command::new(kvwire_bin())
         .args([
@@ -530,7 +530,7 @@ fn cli_fabric_auto_falls_back_to_tcp_and_says_so_once() {
 #[test]
 fn cli_recv_takes_several_transfers_into_reused_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let port = 22_000 + (std::process::id() % 20_000) as u16;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let rx = Command::new(kvwire_bin())
         .args(["recv", "--listen", &addr, "--transfers", "3", "--json"])
@@ -541,14 +541,26 @@ fn cli_recv_takes_several_transfers_into_reused_memory() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut rx = Some(rx);
     for level in ["raw", "cg-default", "raw"] {
         let mut send: Vec<OsString> = ["send", "--connect", &addr, "--level", level]
             .map(OsString::from)
             .to_vec();
         send.push(fixture_path().into());
-        assert_ok(&kvwire(send), level);
+        let out = kvwire(send);
+        if !out.status.success() {
+            let r = rx.take().unwrap();
+            let _ = Command::new("kill").arg(r.id().to_string()).status();
+            let r = r.wait_with_output().unwrap();
+            panic!(
+                "send {level}: {}\nreceiver: {}",
+                text(&out.stderr),
+                text(&r.stderr)
+            );
+        }
+        assert_ok(&out, level);
     }
-    let rx = rx.wait_with_output().unwrap();
+    let rx = rx.take().unwrap().wait_with_output().unwrap();
     assert_ok(&rx, "recv --transfers 3");
     let lines: Vec<serde_json::Value> = text(&rx.stdout)
         .lines()

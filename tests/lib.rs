@@ -533,6 +533,16 @@ pub fn fix_block_crc(file: &mut [u8], range: Range<usize>) {
     file[range.start + 20..range.start + 24].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// A loopback TCP port free right now, for a subprocess to listen on: one the kernel hands out
+/// for an ephemeral bind (a fixed port could be another test's listener or connection; it
+/// then gets this test's sender).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}
+
 /// The `kvwire` command-line binary of the `kvwire-bench` package, built on first use.
 ///
 /// The binary belongs to another package, so Cargo neither builds it for this crate's tests
