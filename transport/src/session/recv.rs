@@ -184,7 +184,7 @@ impl KvReceiver {
     /// # Errors
     /// As [`Self::accept`]; the cache cannot be allocated.
     pub fn accept_whole(conn: &Connection, slots: &RecvSlots, opts: &RecvOptions) -> Result<Self> {
-        Self::start(conn, slots, opts, Placement::Whole(None))
+        Self::start(conn, slots, opts, Placement::Whole(Vec::new()))
     }
 
     /// As [`Self::accept_whole`], decoding into `memory` when its capacity holds the announced
@@ -202,7 +202,7 @@ impl KvReceiver {
         opts: &RecvOptions,
         memory: Vec<u8>,
     ) -> Result<Self> {
-        Self::start(conn, slots, opts, Placement::Whole(Some(memory)))
+        Self::start(conn, slots, opts, Placement::Whole(memory))
     }
 
     /// `accept` (per-layer buffers) or `accept_whole` (one cache).
@@ -532,21 +532,19 @@ enum Placement {
     /// A buffer per layer, handed out as the layer completes.
     Layers,
     /// One cache for the whole transfer, in this memory if it is large enough.
-    Whole(Option<Vec<u8>>),
+    Whole(Vec<u8>),
 }
 
 /// A cache of `spec` in `memory` if its capacity holds one (its old bytes stay until the
 /// blocks overwrite them), else a fresh one ([`zeroed_cache`]).
-fn cache_in(spec: KvSpec, memory: Option<Vec<u8>>) -> Result<KvCache> {
+fn cache_in(spec: KvSpec, mut memory: Vec<u8>) -> Result<KvCache> {
     let bytes = spec.byte_len();
-    match memory {
-        Some(mut m) if m.capacity() >= bytes => {
-            // Within the capacity: no reallocation; only a grown tail is written (zeros).
-            m.resize(bytes, 0);
-            Ok(KvCache::from_bytes(spec, m)?)
-        }
-        _ => zeroed_cache(spec),
+    if memory.capacity() < bytes {
+        return zeroed_cache(spec);
     }
+    // Within the capacity: no reallocation; only a grown tail is written (zeros).
+    memory.resize(bytes, 0);
+    Ok(KvCache::from_bytes(spec, memory)?)
 }
 
 /// A cache of `spec` on untouched zero pages ([`crate::raw::zeroed_vec`]).

@@ -223,7 +223,7 @@ impl<'c> KvSender<'c> {
             }
         };
         tracing::debug!(region, slot_size, slots, ?decode_rates, "receiver ready");
-        let live = match (&opts.policy, calibration) {
+        let mut live = match (&opts.policy, calibration) {
             (Some(p), Some(cal)) => {
                 let mut live = live_state(p, &cal, &encoders, &decode_rates, opts);
                 live.shared_cpu = host != 0 && host == policy::calib::host_id();
@@ -235,17 +235,21 @@ impl<'c> KvSender<'c> {
         // What an earlier transfer on this connection measured: its round trip serves every
         // transfer's windows, and its rate stands in for a policy transfer's probe.
         let earlier = conn.link_estimate().filter(|e| e.is_fresh(Instant::now()));
-        let (initial, from_earlier) = match &opts.policy {
-            Some(p) if p.initial_rate.is_some() => (p.initial_rate, false),
-            Some(p) if !p.always_probe => (earlier.map(|e| e.rate), earlier.is_some()),
-            _ => (None, false),
-        };
+        let start_from = earlier.filter(|_| {
+            opts.policy
+                .as_ref()
+                .is_some_and(|p| p.initial_rate.is_none() && !p.always_probe)
+        });
+        let initial = opts
+            .policy
+            .as_ref()
+            .and_then(|p| p.initial_rate)
+            .or(start_from.map(|e| e.rate));
         let mut rate = RateEstimator::new(initial);
         if let Some(e) = earlier {
             rate.set_rtt(e.rtt);
         }
-        let mut live = live;
-        if let (Some(l), Some(e), true) = (&mut live, earlier, from_earlier) {
+        if let (Some(l), Some(e)) = (&mut live, start_from) {
             l.wire_cpu = e.wire_cpu;
             l.summary.wire_cpu_ps = (e.wire_cpu * 1e12) as u64;
             l.summary.rtt_ns = e.rtt.as_nanos() as u64;
@@ -280,9 +284,9 @@ impl<'c> KvSender<'c> {
             if let Some(l) = &mut sender.lock().live {
                 l.summary.probed = true;
             }
-        } else if from_earlier {
+        } else if let Some(e) = start_from {
             tracing::debug!(
-                rate = initial,
+                rate = e.rate,
                 "link estimate from an earlier transfer on this connection"
             );
         }
@@ -598,6 +602,15 @@ impl<'c> KvSender<'c> {
         }
     }
 
+    /// The transport's CPU seconds per byte sent since `before` ([`crate::link::Link::send_cpu`]),
+    /// once more than `min_bytes` went by; `None` before that or where the fabric does not
+    /// measure it.
+    fn wire_cpu_since(&self, before: Option<(u64, Duration)>, min_bytes: u64) -> Option<f64> {
+        let ((b0, c0), (b1, c1)) = (before?, self.conn.send_cpu()?);
+        (b1 >= b0 + min_bytes && b1 > b0)
+            .then(|| c1.saturating_sub(c0).as_secs_f64() / (b1 - b0) as f64)
+    }
+
     /// Leaves what this transfer measured of the link on the connection for the next
     /// transfer ([`LinkEstimate`]), if windows of a backlogged link confirmed it.
     fn keep_link_estimate(&self) {
@@ -610,13 +623,9 @@ impl<'c> KvSender<'c> {
             return;
         };
         // The transport's CPU per byte over this transfer's blocks, where enough went by.
-        let wire_cpu = match (self.cpu_at_begin, self.conn.send_cpu()) {
-            (Some((b0, c0)), Some((b1, c1))) if b1 > b0 + (1 << 20) => {
-                c1.saturating_sub(c0).as_secs_f64() / (b1 - b0) as f64
-            }
-            (None, None) => 0.0,
-            _ => probe_cpu,
-        };
+        let wire_cpu = self
+            .wire_cpu_since(self.cpu_at_begin, 1 << 20)
+            .unwrap_or(probe_cpu);
         self.conn.set_link_estimate(LinkEstimate {
             rate,
             rtt,

@@ -64,12 +64,7 @@ impl KvSender<'_> {
         let rate = self.probe_rate(write, max_bytes)?;
         let took = started.elapsed();
         // What sending the probe's bytes cost the transport's threads, per byte.
-        let wire_cpu = match (cpu_before, self.conn.send_cpu()) {
-            (Some((b0, c0)), Some((b1, c1))) if b1 > b0 => {
-                c1.saturating_sub(c0).as_secs_f64() / (b1 - b0) as f64
-            }
-            _ => 0.0,
-        };
+        let wire_cpu = self.wire_cpu_since(cpu_before, 1).unwrap_or(0.0);
         let mut p = self.lock();
         p.rate.set_rtt(rtt);
         p.rate.set_rate(rate);
