@@ -318,8 +318,13 @@ fn a_connection_keeps_its_link_estimate_for_the_next_transfer() {
     fixed.policy = None;
     send(&tx, &rx, &kv, &fixed);
     let e = tx.link_estimate().expect("a confirmed estimate is kept");
+    // Within 0.5-3x of the pace, not to the percent: this asks whether the connection kept
+    // its link's estimate (unpaced loopback reads GB/s), not how precise windows are. On a
+    // loaded 2-core machine a completion handled a few ms late moves the next blocks' bytes
+    // into a window without their time: the kept estimate read 30 MB/s in the CI run of
+    // 2bd1683, and 20-33 MB/s in 15 runs here beside four busy loops.
     assert!(
-        (14e6..26e6).contains(&e.rate),
+        (10e6..60e6).contains(&e.rate),
         "kept {} B/s for a 20 MB/s link",
         e.rate
     );
