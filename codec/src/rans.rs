@@ -11,8 +11,9 @@
 //! `x < 2^31`: the error term `x·(m·f - 2^(31+s)) / (f·2^(31+s))` stays below `1/f`.
 //! Decoding inverts it with a table of packed slots ([`DecSlot`]).
 
-/// Bits of probability precision: frequencies sum to `1 << PROB_BITS`.
-pub const PROB_BITS: u32 = 12;
+/// Bits of probability precision: frequencies sum to `1 << PROB_BITS` (the model family's,
+/// which its tables are normalized to).
+pub const PROB_BITS: u32 = crate::model::family::PROB_BITS;
 /// Sum of every table's frequencies.
 pub const PROB_SCALE: u32 = 1 << PROB_BITS;
 /// Lower bound of the coder state; also the state every lane starts and must end in.

@@ -15,40 +15,10 @@ use std::sync::{Arc, OnceLock};
 
 use crate::rans::{push_dec_slots, DecSlot, EncSymbol, PROB_SCALE};
 
-/// Shapes in the family.
-pub const SHAPES: usize = 2;
-/// Scales per shape.
-pub const SCALES: usize = 48;
-/// Smallest scale (in symbols).
-const SCALE_MIN: f64 = 0.08;
-/// Ratio between consecutive scales.
-const SCALE_STEP: f64 = 1.125;
+pub mod family;
 
-/// The scale `b` (in symbol units) of scale index `i`: `SCALE_MIN · SCALE_STEP^i`, by repeated
-/// multiplication (basic IEEE operations only, so every platform gets the same bits).
-pub fn scale_of(i: usize) -> f64 {
-    (0..i).fold(SCALE_MIN, |b, _| b * SCALE_STEP)
-}
-
-/// `e^x` for `x <= 0` from basic IEEE operations only (Cody–Waite reduction by ln 2 and a
-/// degree-13 Taylor polynomial), so the tables built from it are bit-identical on every
-/// platform; libm's `exp` may differ in the last bit between systems. Relative error < 1e-15.
-fn det_exp(x: f64) -> f64 {
-    if x < -700.0 {
-        return 0.0;
-    }
-    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
-    let k = (x * std::f64::consts::LOG2_E).round();
-    let r = (x - k * LN2_HI) - k * LN2_LO;
-    // Horner form of sum r^i / i!, i = 0..=13.
-    let mut p = 1.0 / 6_227_020_800.0;
-    for d in (1..=12).rev() {
-        p = p * r + 1.0 / (1..=d).map(|v| v as f64).product::<f64>();
-    }
-    p = p * r + 1.0;
-    p * f64::from_bits(((k as i64 + 1023) as u64) << 52)
-}
+pub use family::{scale_of, EMBEDDED_WIDTHS, MEMBERS, SCALES, SHAPES};
+use family::{SCALE_MIN, SCALE_STEP};
 
 /// The scale index nearest (in log) to `b`.
 pub fn scale_index(b: f64) -> usize {
@@ -147,18 +117,17 @@ impl std::ops::Deref for SlotArray {
 }
 
 impl ModelSet {
-    /// Builds the family for residuals `-half_width ..= half_width` (`half_width` in 1..=63).
+    /// Builds the family for residuals `-half_width ..= half_width` (`half_width` in 1..=63):
+    /// from the frequencies embedded at build time for the built-in levels' widths
+    /// ([`EMBEDDED_WIDTHS`]), else computed now (several ms).
     pub fn build(half_width: u32) -> Self {
         assert!((1..=63).contains(&half_width));
-        let mut tables = Vec::with_capacity(SHAPES * SCALES * 2);
-        for shape in 0..SHAPES {
-            for scale in 0..SCALES {
-                for offset in 0..2 {
-                    let p = probabilities(half_width, shape, scale_of(scale), offset as f64 * 0.5);
-                    tables.push(table_from_probabilities(&p));
-                }
-            }
-        }
+        let freqs =
+            embedded_frequencies(half_width).unwrap_or_else(|| family::frequencies(half_width));
+        let tables: Vec<ResidualTable> = freqs
+            .chunks_exact(2 * half_width as usize + 1)
+            .map(table_from_frequencies)
+            .collect();
         let mut slots = Vec::with_capacity(tables.len() * PROB_SCALE as usize);
         for t in &tables {
             push_dec_slots(&t.freq, &mut slots);
@@ -198,50 +167,32 @@ impl ModelSet {
 /// One cell per width: building one width (tens of ms) never holds up users of another.
 static SETS: [OnceLock<Arc<ModelSet>>; 64] = [const { OnceLock::new() }; 64];
 
-/// Unnormalized bin masses of one member.
-fn probabilities(half_width: u32, shape: usize, b: f64, c: f64) -> Vec<f64> {
-    let w = half_width as i32;
-    let density = |x: f64| -> f64 {
-        let z = (x - c) / b;
-        match shape {
-            0 => det_exp(-z.abs()),
-            _ => det_exp(-0.5 * z * z),
+/// The frequencies of [`EMBEDDED_WIDTHS`], computed by the build script (`build.rs`, from
+/// [`family::frequencies`]): u16 little-endian, width after width.
+static EMBEDDED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/model_frequencies.bin"));
+
+/// The embedded frequencies of `half_width`, if it is one of [`EMBEDDED_WIDTHS`].
+fn embedded_frequencies(half_width: u32) -> Option<Vec<u32>> {
+    let mut at = 0;
+    for w in EMBEDDED_WIDTHS {
+        let len = 2 * MEMBERS * (2 * w as usize + 1);
+        if w == half_width {
+            let bytes = EMBEDDED.get(at..at + len)?;
+            return Some(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]])))
+                    .collect(),
+            );
         }
-    };
-    // Midpoint rule with steps fine enough for the narrowest member.
-    let steps = ((16.0 / b).ceil() as usize).clamp(8, 256);
-    (-w..=w)
-        .map(|r| {
-            let lo = r as f64 - 0.5;
-            let h = 1.0 / steps as f64;
-            (0..steps)
-                .map(|i| density(lo + (i as f64 + 0.5) * h))
-                .sum::<f64>()
-                * h
-        })
-        .collect()
+        at += len;
+    }
+    None
 }
 
-/// Normalizes masses to integer frequencies summing to PROB_SCALE (each >= 1) and builds the
-/// coder tables. Deterministic: ties go to the lowest index.
-fn table_from_probabilities(p: &[f64]) -> ResidualTable {
-    let n = p.len();
-    let total: f64 = p.iter().sum();
-    let spare = (PROB_SCALE as usize - n) as f64;
-    let mut freq: Vec<u32> = p
-        .iter()
-        .map(|&q| 1 + (q / total * spare).floor() as u32)
-        .collect();
-    let mut sum: u32 = freq.iter().sum();
-    // Hand the rounding remainder to the largest masses, one each, deterministically.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-    let mut i = 0;
-    while sum < PROB_SCALE {
-        freq[order[i % n]] += 1;
-        sum += 1;
-        i += 1;
-    }
+/// The coder tables of one member from its frequencies (summing to [`PROB_SCALE`]).
+fn table_from_frequencies(freq: &[u32]) -> ResidualTable {
+    let (freq, n) = (freq.to_vec(), freq.len());
     // Unused entries hold a valid symbol too, so that every entry packs.
     let mut enc = Box::new([EncSymbol::new(0, 1); MAX_RESIDUALS]);
     let mut cost = Vec::with_capacity(n);
@@ -264,12 +215,13 @@ fn table_from_probabilities(p: &[f64]) -> ResidualTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Level;
 
     #[test]
     fn deterministic_exp_matches_libm() {
         for i in 0..2000 {
             let x = -(i as f64) * 0.0173;
-            let (a, b) = (det_exp(x), x.exp());
+            let (a, b) = (family::det_exp(x), x.exp());
             assert!((a - b).abs() <= 1e-15 * b + 1e-300, "x={x}: {a} vs {b}");
         }
     }
@@ -292,6 +244,34 @@ mod tests {
         assert_eq!(crc, GOLDEN_TABLES_CRC, "model tables changed: {crc:#010x}");
     }
     const GOLDEN_TABLES_CRC: u32 = 0xf048_132c;
+
+    /// The build script's tables are the ones computed at run time, and they cover every
+    /// width a built-in level codes with.
+    #[test]
+    fn embedded_tables_are_the_computed_ones_and_cover_the_built_in_levels() {
+        for w in EMBEDDED_WIDTHS {
+            let embedded = embedded_frequencies(w).expect("embedded");
+            assert_eq!(embedded, family::frequencies(w), "half-width {w}");
+        }
+        assert_eq!(embedded_frequencies(5), None);
+        let sizes: usize = EMBEDDED_WIDTHS
+            .iter()
+            .map(|&w| 2 * MEMBERS * (2 * w as usize + 1))
+            .sum();
+        assert_eq!(EMBEDDED.len(), sizes);
+        for level in [Level::CgHigh, Level::CgDefault, Level::CgLow] {
+            for layers in [1, 2, 9, 10, 24, 32, 80, 126] {
+                let (k, v) = level.bins(layers).expect("bins");
+                for b in k.iter().chain(&v) {
+                    let w = crate::quant::alphabet(u32::from(*b)) - 1;
+                    assert!(
+                        EMBEDDED_WIDTHS.contains(&w),
+                        "{level:?} with {layers} layers codes half-width {w}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_member_sums_to_scale_and_codes_every_residual() {
