@@ -67,23 +67,24 @@ impl Header {
         )
     }
 
-    /// Builds the native coder's model tables this header's bins need, if not built yet (they
-    /// are built once per process and bin count, on first use, which takes tens of
+    /// Builds the native coder's model tables this header's bins need for `role`, if not
+    /// built yet (they are built once per process and bin count, on first use, which takes
     /// milliseconds per bin count: an encoder or decoder that times its first block, or must
     /// not stall on it, calls this first). Nothing to do for the other levels.
-    pub fn prepare_models(&self) {
+    pub fn prepare_models(&self, role: crate::model::ModelRole) {
         let mut seen = [false; 64];
         for w in self.model_widths() {
             if !std::mem::replace(&mut seen[w as usize], true) {
-                crate::model::ModelSet::get(w);
+                crate::model::ModelSet::get(w, role);
             }
         }
     }
 
-    /// Whether [`Self::prepare_models`] has nothing left to build (always, for the levels
-    /// without model tables).
-    pub fn models_ready(&self) -> bool {
-        self.model_widths().all(crate::model::ModelSet::is_built)
+    /// Whether [`Self::prepare_models`] has nothing left to build for `role` (always, for the
+    /// levels without model tables).
+    pub fn models_ready(&self, role: crate::model::ModelRole) -> bool {
+        self.model_widths()
+            .all(|w| crate::model::ModelSet::is_built(w, role))
     }
 
     /// The model-set half-widths (in `1..64`) of every layer's K and V bins, with repeats;

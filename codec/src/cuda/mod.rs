@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
-use crate::model::{member, ModelSet, SCALES, SHAPES};
+use crate::model::{member, ModelRole, ModelSet, SCALES, SHAPES};
 use crate::rans::PROB_SCALE;
 use crate::{CodecError, DType, Header, KvSpec, Level};
 
@@ -341,7 +341,7 @@ impl GpuCodec {
         let mut compact = vec![0u8; widths.len() * MEMBERS * compact_mb];
         let mut info = vec![0u32; widths.len() * per_res];
         for (si, &w) in widths.iter().enumerate() {
-            let set = ModelSet::get(w);
+            let set = ModelSet::get(w, ModelRole::Encode);
             for shape in 0..SHAPES {
                 for scale in 0..SCALES {
                     for offset in 0..2 {
@@ -547,7 +547,7 @@ mod tests {
     #[test]
     fn compact_tables_find_every_slot() {
         for w in [30u32, 14, 10, 62] {
-            let set = ModelSet::get(w);
+            let set = ModelSet::get(w, ModelRole::Encode);
             let mb = 64 + 2 * (2 * w as usize + 2);
             let mut t = vec![0u8; mb];
             for table in &set.tables {

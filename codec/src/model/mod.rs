@@ -65,9 +65,8 @@ pub struct ModelSet {
     pub half_width: u32,
     /// `member(shape, scale, offset)` -> table.
     pub tables: Vec<ResidualTable>,
-    /// Every member's [`PROB_SCALE`] decoder slots, member after member: member `k`'s table
-    /// starts at `k · PROB_SCALE`. One array, so a SIMD decoder gathers from it with one base.
-    pub slots: SlotArray,
+    /// The decoder slots ([`Self::slots`]), built on first use: an encoder never reads them.
+    slots: OnceLock<SlotArray>,
     /// Every member's encoder symbols in [`EncSymbol::packed`] form, member after member:
     /// residual index `r` of member `k` at `2·(k · MAX_RESIDUALS + r)`.
     pub enc_packed: Vec<u32>,
@@ -128,10 +127,6 @@ impl ModelSet {
             .chunks_exact(2 * half_width as usize + 1)
             .map(table_from_frequencies)
             .collect();
-        let mut slots = Vec::with_capacity(tables.len() * PROB_SCALE as usize);
-        for t in &tables {
-            push_dec_slots(&t.freq, &mut slots);
-        }
         let enc_packed = tables
             .iter()
             .flat_map(|t| t.enc.iter().flat_map(|e| e.packed()))
@@ -139,29 +134,58 @@ impl ModelSet {
         Self {
             half_width,
             tables,
-            slots: SlotArray::new(&slots),
+            slots: OnceLock::new(),
             enc_packed,
         }
     }
 
+    /// Every member's [`PROB_SCALE`] decoder slots, member after member: member `k`'s table
+    /// starts at `k · PROB_SCALE`. One array, so a SIMD decoder gathers from it with one base.
+    /// Built on first use (3 MiB, about as long as the rest of the set takes to build).
+    pub fn slots(&self) -> &SlotArray {
+        self.slots.get_or_init(|| {
+            let mut slots = Vec::with_capacity(self.tables.len() * PROB_SCALE as usize);
+            for t in &self.tables {
+                push_dec_slots(&t.freq, &mut slots);
+            }
+            SlotArray::new(&slots)
+        })
+    }
+
     /// The decoder slots of member `k`.
     pub fn member_slots(&self, k: usize) -> &[DecSlot; PROB_SCALE as usize] {
-        let s = &self.slots[k * PROB_SCALE as usize..(k + 1) * PROB_SCALE as usize];
+        let s = &self.slots()[k * PROB_SCALE as usize..(k + 1) * PROB_SCALE as usize];
         s.try_into().expect("PROB_SCALE slots")
     }
 
-    /// The shared model set of `half_width`, built on first use.
-    pub fn get(half_width: u32) -> Arc<Self> {
-        SETS[half_width as usize]
+    /// The shared model set of `half_width`, built on first use, with what `role` needs.
+    pub fn get(half_width: u32, role: ModelRole) -> Arc<Self> {
+        let set = SETS[half_width as usize]
             .get_or_init(|| Arc::new(Self::build(half_width)))
-            .clone()
+            .clone();
+        if role == ModelRole::Decode {
+            set.slots();
+        }
+        set
     }
 
-    /// Whether the model set of `half_width` is built (in this process).
-    pub fn is_built(half_width: u32) -> bool {
+    /// Whether the model set of `half_width` is built (in this process) with what `role`
+    /// needs.
+    pub fn is_built(half_width: u32, role: ModelRole) -> bool {
         SETS.get(half_width as usize)
-            .is_some_and(|c| c.get().is_some())
+            .and_then(OnceLock::get)
+            .is_some_and(|set| role == ModelRole::Encode || set.slots.get().is_some())
     }
+}
+
+/// Which coder a model set serves: an encoder reads the members' encoder symbols only, a
+/// decoder also their decoder slots ([`ModelSet::slots`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelRole {
+    /// Encoding.
+    Encode,
+    /// Decoding.
+    Decode,
 }
 
 /// One cell per width: building one width (tens of ms) never holds up users of another.
@@ -244,6 +268,23 @@ mod tests {
         assert_eq!(crc, GOLDEN_TABLES_CRC, "model tables changed: {crc:#010x}");
     }
     const GOLDEN_TABLES_CRC: u32 = 0xf048_132c;
+
+    /// An encoder's model set has no decoder slots until something decodes with it.
+    #[test]
+    fn decoder_slots_are_built_on_first_decoding_use() {
+        // Odd half-widths: no bin count gives one, so only this test builds them.
+        let set = ModelSet::build(45);
+        assert!(set.slots.get().is_none());
+        assert_eq!(set.member_slots(member(1, 3, 1)).len(), PROB_SCALE as usize);
+        assert_eq!(set.slots().len(), MEMBERS * PROB_SCALE as usize);
+        // The shared sets: what each role needs.
+        ModelSet::get(45, ModelRole::Encode);
+        assert!(ModelSet::is_built(45, ModelRole::Encode));
+        assert!(!ModelSet::is_built(45, ModelRole::Decode));
+        ModelSet::get(45, ModelRole::Decode);
+        assert!(ModelSet::is_built(45, ModelRole::Decode));
+        assert!(!ModelSet::is_built(63, ModelRole::Encode));
+    }
 
     /// The build script's tables are the ones computed at run time, and they cover every
     /// width a built-in level codes with.

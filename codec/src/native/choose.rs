@@ -6,7 +6,7 @@
 //! quantizer writes; only the final search runs per channel, on its histogram.
 
 use super::{BlockSymbols, ChannelModel, Predictor, RHOS};
-use crate::model::{member, scale_index, ModelSet, MAX_RESIDUALS, SCALES, SHAPES};
+use crate::model::{member, scale_index, ModelRole, ModelSet, MAX_RESIDUALS, SCALES, SHAPES};
 
 /// Channels whose residual histograms are counted together (32 · 128 · 2 bytes: L1-sized).
 const CHANNEL_CHUNK: usize = 32;
@@ -21,7 +21,10 @@ pub fn choose_model(syms: &[u8], set: &ModelSet) -> ChannelModel {
     };
     let mut both = syms.to_vec();
     both.extend_from_slice(syms);
-    let sets = [ModelSet::get(set.half_width), ModelSet::get(set.half_width)];
+    let sets = [
+        ModelSet::get(set.half_width, ModelRole::Encode),
+        ModelSet::get(set.half_width, ModelRole::Encode),
+    ];
     let mut residuals = vec![0u8; both.len()];
     choose_block(&both, b, &sets, &mut residuals)[0]
 }

@@ -31,7 +31,7 @@ pub use choose::choose_model;
 
 use crate::bits::{BitReader, BitWriter};
 use crate::error::DecodeError;
-use crate::model::{member, ModelSet, SCALES, SHAPES};
+use crate::model::{member, ModelRole, ModelSet, SCALES, SHAPES};
 
 /// rANS lanes per block (and streams per group).
 pub const LANES: usize = 32;
@@ -161,9 +161,12 @@ fn stream_codes(models: &[ChannelModel]) -> Vec<StreamCode> {
         .collect()
 }
 
-/// The model sets of a block's K and V alphabets.
-fn model_sets(b: &BlockSymbols) -> [std::sync::Arc<ModelSet>; 2] {
-    [ModelSet::get(b.widths[0]), ModelSet::get(b.widths[1])]
+/// The model sets of a block's K and V alphabets, with what `role` needs.
+fn model_sets(b: &BlockSymbols, role: ModelRole) -> [std::sync::Arc<ModelSet>; 2] {
+    [
+        ModelSet::get(b.widths[0], role),
+        ModelSet::get(b.widths[1], role),
+    ]
 }
 
 /// Appends the coded form of `syms` (laid out as `b` says, each symbol within its part's
@@ -176,7 +179,7 @@ pub fn encode_symbols(syms: &[u8], b: BlockSymbols, out: &mut Vec<u8>) {
 /// [`encode_symbols`] with a chosen loop (every loop writes the same bytes).
 pub fn encode_symbols_with(syms: &[u8], b: BlockSymbols, out: &mut Vec<u8>, kernel: Kernel) {
     assert_eq!(syms.len(), b.len(), "symbols do not match the block shape");
-    let sets = model_sets(&b);
+    let sets = model_sets(&b, ModelRole::Encode);
     crate::scratch::with_bytes(syms.len(), |residuals| {
         let models = choose::choose_block(syms, b, &sets, residuals);
         let mut bw = BitWriter::default();
@@ -346,7 +349,7 @@ fn decode_impl(
         return Err(DecodeError::CorruptStream { stream: 0 });
     }
     let wb = r.take(r.remaining())?;
-    let sets = model_sets(&b);
+    let sets = model_sets(&b, ModelRole::Decode);
     let codes = stream_codes(&models);
     crate::scratch::with_words(|words| {
         // The words, then zeros a vector load past the last word may touch (a refill past the

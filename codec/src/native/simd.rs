@@ -100,7 +100,7 @@ unsafe fn decode_avx2(
         let set = &sets[p];
         let w = set.half_width;
         let wv = _mm256_set1_epi32(w as i32);
-        let table = set.slots.as_ptr().cast::<i32>();
+        let table = set.slots().as_ptr().cast::<i32>();
         let vectors = k.div_ceil(8);
         // Per lane: the table offset, the predictor, the active mask. Lanes past `k` keep their
         // state (they belong to a later group's streams) and read table 0 harmlessly.
@@ -158,7 +158,7 @@ unsafe fn decode_avx2(
                     let xv = x[v];
                     let idx = _mm256_add_epi32(offv[v], _mm256_and_si256(xv, slot_mask));
                     // SAFETY: every index is a member's offset (member < members) plus a slot
-                    // below PROB_SCALE, so it lies inside `set.slots`, which has
+                    // below PROB_SCALE, so it lies inside `set.slots()`, which has
                     // members · PROB_SCALE entries.
                     let e = gather8(table, idx);
                     let freq = _mm256_and_si256(e, low13);

@@ -5,6 +5,7 @@
 //! `/proc/cpuinfo`) and the build (a hash of the running executable's path, size and mtime
 //! plus this crate's version); a different key measures again.
 
+use kvwire_codec::model::ModelRole;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -85,8 +86,9 @@ impl Calibration {
             let (dec, _) = Decoder::new(&header).map_err(kvwire_codec::CodecError::from)?;
             // The tables this level needs beyond what earlier levels built (each process
             // builds a table set once; the levels are measured in the order auto tries them).
+            // A decoder's (a superset of an encoder's): what a receiver lacking them pays.
             let t = Instant::now();
-            enc.header().prepare_models();
+            enc.header().prepare_models(ModelRole::Decode);
             let setup = t.elapsed().as_secs_f64();
             let blocks = encode_sample(&enc, &view)?;
             prepared.push((level, enc, dec, blocks, setup));

@@ -5,6 +5,8 @@
 //! bounded, so memory stays bounded whatever the cache size; the receiver confirms the
 //! transfer only when every block passed its CRC and decoded.
 
+use kvwire_codec::model::ModelRole;
+
 pub mod msg;
 mod recv;
 mod send;
@@ -13,14 +15,15 @@ pub(crate) use recv::layer_bytes;
 pub use recv::{recv_kv, KvReceiver, RecvOptions, RecvSlots, RecvStats};
 pub use send::{send_kv, KvSender, SendOptions, SendStats};
 
-/// Builds the model tables of `header`'s level on a thread of their own, if it has any not
-/// built yet (a coder needing them meanwhile waits for them, or builds them itself).
-fn prepare_tables(header: &kvwire_codec::Header) {
-    if header.models_ready() {
+/// Builds the model tables of `header`'s level that `role` needs on a thread of their own,
+/// if it has any not built yet (a coder needing them meanwhile waits for them, or builds
+/// them itself).
+fn prepare_tables(header: &kvwire_codec::Header, role: ModelRole) {
+    if header.models_ready(role) {
         return;
     }
     let header = header.clone();
     let _ = std::thread::Builder::new()
         .name("kvwire-tables".into())
-        .spawn(move || header.prepare_models());
+        .spawn(move || header.prepare_models(role));
 }

@@ -5,6 +5,7 @@
 
 mod worker;
 
+use kvwire_codec::model::ModelRole;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -273,7 +274,7 @@ impl KvReceiver {
         if !levels_on_wire {
             // One level: its tables are needed for the first block; build them while the
             // sender starts up (a multi-level sender says which level comes next: Prepare).
-            super::prepare_tables(decoder.header());
+            super::prepare_tables(decoder.header(), ModelRole::Decode);
         }
         let spec = decoder.header().spec;
         let total_bytes = spec.byte_len() as u64;

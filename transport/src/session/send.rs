@@ -2,6 +2,7 @@
 //! pooled send buffer, and write each into a receive slot the peer granted, while the
 //! calling thread turns completions and grants back into free buffers and slots.
 
+use kvwire_codec::model::ModelRole;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -139,7 +140,7 @@ impl<'c> KvSender<'c> {
         // timed): building every candidate's up front cost tens of milliseconds of CPU that
         // a fast link's transfer, at a level needing none of them, could not hide.
         if opts.policy.is_none() {
-            super::prepare_tables(encoders[0].header());
+            super::prepare_tables(encoders[0].header(), ModelRole::Encode);
         }
         let chunks = encoders[0].header().chunks();
         // A policy transfer keeps layer 4095 free for the probe's immediate.

@@ -1,6 +1,7 @@
 //! The receiver's threads: the driver (polls the connection, checks each notification
 //! against the granted slots, queues decodes, confirms the transfer) and the decoders.
 
+use kvwire_codec::model::ModelRole;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
@@ -90,7 +91,7 @@ pub(super) fn drive(
                         return;
                     };
                     tracing::debug!(level = %d.header().level, "sender announced a level: building its tables");
-                    super::super::prepare_tables(d.header());
+                    super::super::prepare_tables(d.header(), ModelRole::Decode);
                 }
                 Ok(other) => {
                     sh.fail(TransportError::Protocol(format!(
@@ -350,7 +351,7 @@ pub(super) fn decode_rates(decoders: &[Decoder], threads: usize) -> Vec<(u8, u64
         .filter_map(|d| {
             let level = d.header().level;
             let ready = super::super::msg::ACCEPTS_PREPARE
-                | if d.header().models_ready() {
+                | if d.header().models_ready(ModelRole::Decode) {
                     super::super::msg::TABLES_READY
                 } else {
                     0

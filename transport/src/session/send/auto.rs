@@ -1,6 +1,7 @@
 //! The sender's side of `--level auto`: the pacer wait, the per-block decision with live
 //! estimates, and the policy's starting state (the link probe is in [`super::probe`]).
 
+use kvwire_codec::model::ModelRole;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -184,7 +185,7 @@ pub(super) fn live_state(
             // Each end not yet holding the level's tables builds them on its first block.
             let there = report.is_none_or(|(c, _)| c & TABLES_READY == 0);
             receiver_unready.push(there && report.is_some_and(|(c, _)| c & ACCEPTS_PREPARE != 0));
-            let unready = u8::from(!e.header().models_ready()) + u8::from(there);
+            let unready = u8::from(!e.header().models_ready(ModelRole::Encode)) + u8::from(there);
             LevelCost {
                 level,
                 ratio: speed.map_or(1.0, |s| s.ratio),
@@ -282,7 +283,7 @@ mod tests {
             live_state(&PolicyOptions::default(), &cal, &encoders, rates, &opts).costs[1].setup
         };
         // Built here (this process), and the receiver says built there: nothing to pay.
-        encoders[1].header().prepare_models();
+        encoders[1].header().prepare_models(ModelRole::Encode);
         let ready = [(Level::CgLow.code() | TABLES_READY, 1_000_000_000)];
         assert_eq!(setup(&ready), 0.0);
         // A receiver without them (or one that does not say) builds them on its first block.
