@@ -6,7 +6,7 @@
 #
 #   tests/netns/policy-bench.sh [--kv FILE] [--rates "0.3gbit 1gbit 3gbit 10gbit unshaped"]
 #                               [--levels "raw q8 cg-high cg-default cg-low auto"] [--reps N]
-#                               [--receiver warm|fresh]
+#                               [--receiver warm|fresh] [--runs FILE]
 #
 # "unshaped": the veth pair with its tbf qdiscs removed. Both ends share this machine's
 # cores (no pinning): the codec competes with the other side and with anything else running.
@@ -18,6 +18,7 @@
 # Beside each rate's auto/best it prints a 90% bootstrap interval of that ratio (the best
 # level chosen again in every resample) and the median of the per-rep ratios (auto and the
 # best level ran back to back in each rep): how far the medians can be trusted on a noisy host.
+# --runs FILE keeps every transfer's `send --json` line (with its rate) in FILE.
 # KVWIRE_BIN selects the binary (default target/release/kvwire); exits 77 (skip) when
 # network namespaces are not available here.
 set -euo pipefail
@@ -31,6 +32,7 @@ RATES="0.3gbit 1gbit 3gbit 10gbit unshaped"
 LEVELS="raw q8 cg-high cg-default cg-low auto"
 REPS=1
 RECEIVER=warm
+RUNS=
 
 while (($# > 0)); do
     case $1 in
@@ -39,7 +41,8 @@ while (($# > 0)); do
         --levels) LEVELS=$2; shift 2 ;;
         --reps) REPS=$2; shift 2 ;;
         --receiver) RECEIVER=$2; shift 2 ;;
-        *) echo "usage: $0 [--kv FILE] [--rates LIST] [--levels LIST] [--reps N] [--receiver warm|fresh]" >&2; exit 2 ;;
+        --runs) RUNS=$2; shift 2 ;;
+        *) echo "usage: $0 [--kv FILE] [--rates LIST] [--levels LIST] [--reps N] [--receiver warm|fresh] [--runs FILE]" >&2; exit 2 ;;
     esac
 done
 [[ -x $BIN ]] || { echo "no kvwire binary at $BIN (cargo build --release -p kvwire-bench)" >&2; exit 2; }
@@ -114,6 +117,7 @@ for rate in $RATES; do
     [[ $RECEIVER == fresh ]] || wait "$RPID"
 done
 
+[[ -z $RUNS ]] || cp "$RESULTS" "$RUNS"
 python3 - "$RESULTS" "$KV" "$RATES" "$LEVELS" "$RECEIVER" <<'PY'
 import json, random, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
