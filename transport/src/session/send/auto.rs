@@ -71,17 +71,8 @@ impl KvSender<'_> {
         let costs = live.costs_now();
         // Nothing measured (a probe-less start without an initial rate): assume a fast link.
         let link_rate = rate.unwrap_or(f64::MAX / 4.0);
-        let choice = policy::choose(&PolicyInputs {
-            levels: &costs,
-            link_rate,
-            block_bytes: live.block_bytes,
-            blocks_left: live.total - live.decided,
-            time_left: live.opts.deadline.map(|d| d.as_secs_f64() - elapsed),
-            shared_cpu: live.shared_cpu,
-            current: live.last,
-            wire_cpu: live.wire_cpu / live.cores,
-        })
-        .expect("at least one candidate");
+        let choice = policy::choose(&live.inputs(&costs, link_rate, elapsed))
+            .expect("at least one candidate");
         if live.decided == 0 {
             live.summary.first_rate = link_rate as u64;
             live.summary.first_level = choice.level.code();
@@ -100,6 +91,16 @@ impl KvSender<'_> {
         (choice.index, announce)
     }
 
+    /// The level (index into the encoders) the policy would choose for the next block were
+    /// the link at `link_rate` bytes/s; takes no decision. `None` without a policy.
+    pub(super) fn level_at(&self, link_rate: f64) -> Option<usize> {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let p = self.lock();
+        let live = p.live.as_ref()?;
+        let costs = live.costs_now();
+        policy::choose(&live.inputs(&costs, link_rate, elapsed)).map(|c| c.index)
+    }
+
     /// Records an encoded block's size and encode time ([`Live::observe`]).
     pub(super) fn observe(&self, index: usize, encoded: usize, took: Duration) {
         if let Some(live) = &mut self.lock().live {
@@ -109,6 +110,21 @@ impl KvSender<'_> {
 }
 
 impl Live {
+    /// What the policy weighs for the next block, priced at `costs` over a link at
+    /// `link_rate` bytes/s, `elapsed` seconds into the transfer.
+    fn inputs<'a>(&self, costs: &'a [LevelCost], link_rate: f64, elapsed: f64) -> PolicyInputs<'a> {
+        PolicyInputs {
+            levels: costs,
+            link_rate,
+            block_bytes: self.block_bytes,
+            blocks_left: self.total - self.decided,
+            time_left: self.opts.deadline.map(|d| d.as_secs_f64() - elapsed),
+            shared_cpu: self.shared_cpu,
+            current: self.last,
+            wire_cpu: self.wire_cpu / self.cores,
+        }
+    }
+
     /// The candidates as priced now: observed ratios and encode speeds where blocks of the
     /// level have been seen, the calibration (scaled by [`Live::speed_factor`]) elsewhere, and
     /// no setup for a level in use.

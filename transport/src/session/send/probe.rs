@@ -33,6 +33,13 @@ const PROBE_LOOSE_SPAN: Duration = Duration::from_millis(4);
 const PROBE_MAX_SPAN: Duration = Duration::from_millis(10);
 const PROBE_AGREE: f64 = 0.25;
 const PROBE_AGREE_LOOSE: f64 = 0.5;
+/// A probe also ends, past [`PROBE_MIN_SPAN`] and with at least [`PROBE_DECIDING`]
+/// completions, once its reading can no longer change the first level: the policy picks the
+/// same one at [`PROBE_DECISION_MARGIN`] times the rate and at that fraction of it. On a slow
+/// link, where every probe byte holds up the transfer's, it does not run on to a precise rate
+/// that would not change the choice.
+const PROBE_DECIDING: usize = 4;
+const PROBE_DECISION_MARGIN: f64 = 1.5;
 /// At most how many bytes the probe sends ...
 const PROBE_MAX_BYTES: u64 = 8 << 20;
 /// ... and at most this fraction of the cache's own size, so that probing a fast link costs
@@ -84,7 +91,8 @@ impl KvSender<'_> {
     }
 
     /// Keeps up to [`PROBE_DEPTH`] probe writes of `bytes` each in flight ([`probe_depth`])
-    /// until the delivery rate has settled ([`PROBE_MIN_SPAN`], [`rate_settled`]),
+    /// until the delivery rate has settled ([`PROBE_MIN_SPAN`], [`rate_settled`]) or the
+    /// first level no longer depends on it ([`Self::choice_settled`]),
     /// [`PROBE_MAX_SPAN`] after the first completion, or `max_bytes` posted; the delivery rate
     /// ([`delivery_rate`]), bytes/s.
     fn probe_rate(&self, bytes: u64, max_bytes: u64) -> Result<f64> {
@@ -99,7 +107,9 @@ impl KvSender<'_> {
             let measured = times.first().is_some_and(|&t| {
                 let span = start.elapsed().saturating_sub(t);
                 span >= PROBE_MAX_SPAN
-                    || (span >= PROBE_MIN_SPAN && rate_settled(&times, PROBE_AGREE))
+                    || (span >= PROBE_MIN_SPAN
+                        && (rate_settled(&times, PROBE_AGREE)
+                            || self.choice_settled(&times, bytes)))
                     || (span >= PROBE_LOOSE_SPAN && rate_settled(&times, PROBE_AGREE_LOOSE))
             });
             let stop = measured || posted * bytes >= max_bytes;
@@ -139,6 +149,18 @@ impl KvSender<'_> {
         }
         times.sort_unstable();
         Ok(delivery_rate(&times, bytes))
+    }
+
+    /// Whether the rate the probe reads from completions at `times` (writes of `bytes` each)
+    /// leaves the first level settled: the same at [`PROBE_DECISION_MARGIN`] times the
+    /// reading, and at the reading over it.
+    fn choice_settled(&self, times: &[Duration], bytes: u64) -> bool {
+        if times.len() < PROBE_DECIDING {
+            return false;
+        }
+        let mut sorted = times.to_vec();
+        sorted.sort_unstable();
+        level_settled(delivery_rate(&sorted, bytes), |r| self.level_at(r))
     }
 
     /// Posts one probe write of `bytes` into `slot`; its work-request id, and when the pacer
@@ -191,6 +213,18 @@ impl KvSender<'_> {
         }
         Ok(first.map_or(Duration::ZERO, |f| f.elapsed()))
     }
+}
+
+/// Whether `level_at` (the policy's choice at a link rate) gives one level from
+/// [`PROBE_DECISION_MARGIN`] times below `rate` to as many times above it.
+fn level_settled(rate: f64, level_at: impl Fn(f64) -> Option<usize>) -> bool {
+    if !(rate.is_finite() && rate > 0.0) {
+        return false;
+    }
+    let level = level_at(rate);
+    level.is_some()
+        && level_at(rate / PROBE_DECISION_MARGIN) == level
+        && level_at(rate * PROBE_DECISION_MARGIN) == level
 }
 
 /// How many probe writes of `bytes` to keep in flight at `now` (from the first post), given
@@ -298,6 +332,30 @@ mod tests {
         burst.extend((4..=16).map(|i| ms(1.0 + 0.5 * f64::from(i))));
         assert!(rate_settled(&burst, PROBE_AGREE));
         assert!(!rate_settled(&[], PROBE_AGREE));
+    }
+
+    #[test]
+    fn a_reading_settles_the_choice_only_away_from_a_level_boundary() {
+        // The most compressed level below 200 MB/s, a lighter one up to 1 GB/s, raw above.
+        let policy = |r: f64| Some(usize::from(r >= 2e8) + usize::from(r >= 1e9));
+        assert!(level_settled(1e8, policy));
+        assert!(
+            !level_settled(1.5e8, policy),
+            "1.5 x 150 MB/s crosses 200 MB/s"
+        );
+        assert!(
+            !level_settled(2.5e8, policy),
+            "250 MB/s / 1.5 lies below 200 MB/s"
+        );
+        assert!(level_settled(5e8, policy));
+        assert!(level_settled(5e9, policy));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(!level_settled(bad, policy), "{bad}");
+        }
+        assert!(
+            !level_settled(1e8, |_| None),
+            "no policy, nothing to settle"
+        );
     }
 
     #[test]
