@@ -38,8 +38,10 @@ const PROBE_AGREE_LOOSE: f64 = 0.5;
 /// same one at [`PROBE_DECISION_MARGIN`] times the rate and at that fraction of it. On a slow
 /// link, where every probe byte holds up the transfer's, it does not run on to a precise rate
 /// that would not change the choice.
+/// Only a reading from evenly spaced completions ends it so ([`evenly_spaced`]).
 const PROBE_DECIDING: usize = 4;
 const PROBE_DECISION_MARGIN: f64 = 1.5;
+const PROBE_EVEN_GAP: f64 = 3.0;
 /// At most how many bytes the probe sends ...
 const PROBE_MAX_BYTES: u64 = 8 << 20;
 /// ... and at most this fraction of the cache's own size, so that probing a fast link costs
@@ -160,7 +162,8 @@ impl KvSender<'_> {
         }
         let mut sorted = times.to_vec();
         sorted.sort_unstable();
-        level_settled(delivery_rate(&sorted, bytes), |r| self.level_at(r))
+        evenly_spaced(measured_stretch(&sorted))
+            && level_settled(delivery_rate(&sorted, bytes), |r| self.level_at(r))
     }
 
     /// Posts one probe write of `bytes` into `slot`; its work-request id, and when the pacer
@@ -215,6 +218,20 @@ impl KvSender<'_> {
     }
 }
 
+/// Whether completions at `times` (in order, at least three) come evenly: no gap between
+/// two more than [`PROBE_EVEN_GAP`] times their median gap. A link that is slow delivers
+/// evenly at its rate; a stall of either end's threads (a busy core) leaves one long gap and
+/// then a clump, and reads low though the link is fast.
+fn evenly_spaced(times: &[Duration]) -> bool {
+    let mut gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    if gaps.len() < 2 {
+        return false;
+    }
+    gaps.sort_unstable();
+    let median = gaps[gaps.len() / 2];
+    gaps[gaps.len() - 1] <= median.mul_f64(PROBE_EVEN_GAP)
+}
+
 /// Whether `level_at` (the policy's choice at a link rate) gives one level from
 /// [`PROBE_DECISION_MARGIN`] times below `rate` to as many times above it.
 fn level_settled(rate: f64, level_at: impl Fn(f64) -> Option<usize>) -> bool {
@@ -265,22 +282,30 @@ fn rate_settled(times: &[Duration], agree: f64) -> bool {
 /// when the second half holds fewer than two completions; a lone completion's bytes over its
 /// time when there is no span.
 fn delivery_rate(times: &[Duration], bytes: u64) -> f64 {
-    let (Some(&first), Some(&last)) = (times.first(), times.last()) else {
+    let Some(&last) = times.last() else {
         return 0.0;
     };
-    let mid = first + (last - first) / 2;
-    // The last completion at or before the midpoint starts the measured stretch.
-    let k = times.iter().rposition(|&t| t <= mid).unwrap_or(0);
-    let (from, n) = if times.len() - 1 - k >= 2 {
-        (times[k], times.len() - 1 - k)
-    } else {
-        (first, times.len() - 1)
-    };
-    let span = (last - from).as_secs_f64();
+    let stretch = measured_stretch(times);
+    let n = stretch.len() - 1;
+    let span = (last - stretch[0]).as_secs_f64();
     if n == 0 || span <= 0.0 {
         return (times.len() as u64 * bytes) as f64 / last.as_secs_f64().max(1e-6);
     }
     (n as u64 * bytes) as f64 / span
+}
+
+/// The completions [`delivery_rate`] measures over (`times` non-empty, in order): from the
+/// last one at or before the midpoint of the span to the end, or all of them when that
+/// leaves fewer than two after its start.
+fn measured_stretch(times: &[Duration]) -> &[Duration] {
+    let (first, last) = (times[0], times[times.len() - 1]);
+    let mid = first + (last - first) / 2;
+    let k = times.iter().rposition(|&t| t <= mid).unwrap_or(0);
+    if times.len() - 1 - k >= 2 {
+        &times[k..]
+    } else {
+        times
+    }
 }
 
 #[cfg(test)]
@@ -356,6 +381,20 @@ mod tests {
             !level_settled(1e8, |_| None),
             "no policy, nothing to settle"
         );
+    }
+
+    #[test]
+    fn a_stall_is_not_an_even_reading() {
+        // A slow link: one completion per 1.75 ms after a bucket's burst.
+        let slow = [0.0, 0.1, 0.2, 1.9, 3.6, 5.4].map(ms);
+        assert!(evenly_spaced(measured_stretch(&slow)));
+        // A fast link whose receiver lost its core for 2 ms: a gap, then a clump.
+        let stall = [0.0, 0.08, 0.16, 2.3, 2.35, 2.4].map(ms);
+        assert!(!evenly_spaced(measured_stretch(&stall)));
+        assert!(!evenly_spaced(measured_stretch(
+            &[0.0, 2.1, 2.15, 2.2].map(ms)
+        )));
+        assert!(!evenly_spaced(&[ms(1.0), ms(2.0)]), "one gap says nothing");
     }
 
     #[test]
