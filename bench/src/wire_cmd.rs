@@ -360,7 +360,7 @@ fn recv_one(
     memory: Vec<u8>,
     n: u64,
 ) -> Result<KvCache> {
-    let reused = memory.capacity();
+    let capacity = memory.capacity();
     let cpu_before = process_cpu();
     let rx = KvReceiver::accept_whole_into(conn, slots, opts, memory)
         .context("starting the transfer")?;
@@ -372,7 +372,7 @@ fn recv_one(
     };
     let (cache, st) = rx.recv_all().context("receiving")?;
     let cpu = process_cpu().saturating_sub(cpu_before);
-    let reused = reused >= cache.bytes().len();
+    let reused = capacity >= cache.bytes().len();
     let output = if a.transfers == 1 {
         a.output.clone()
     } else {

@@ -5,11 +5,11 @@
 //! `/proc/cpuinfo`) and the build (a hash of the running executable's path, size and mtime
 //! plus this crate's version); a different key measures again.
 
-use kvwire_codec::model::ModelRole;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use kvwire_codec::model::ModelRole;
 use kvwire_codec::{file, Decoder, EncodeOptions, Encoder, Level};
 use sha2::{Digest, Sha256};
 

@@ -5,7 +5,6 @@
 
 mod worker;
 
-use kvwire_codec::model::ModelRole;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -13,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kvwire_codec::model::ModelRole;
 use kvwire_codec::{Decoder, KvCache, KvSpec, Level};
 
 use super::msg::{SessionMsg, MAX_SLOTS};

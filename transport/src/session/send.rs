@@ -2,13 +2,13 @@
 //! pooled send buffer, and write each into a receive slot the peer granted, while the
 //! calling thread turns completions and grants back into free buffers and slots.
 
-use kvwire_codec::model::ModelRole;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kvwire_codec::model::ModelRole;
 use kvwire_codec::{EncodeOptions, Encoder, KvSpec, KvView, Level};
 
 use super::msg::{BlockImm, SessionMsg, MAX_CHUNKS, MAX_LAYERS};

@@ -1,12 +1,12 @@
 //! The receiver's threads: the driver (polls the connection, checks each notification
 //! against the granted slots, queues decodes, confirms the transfer) and the decoders.
 
-use kvwire_codec::model::ModelRole;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use kvwire_codec::model::ModelRole;
 use kvwire_codec::Decoder;
 
 use super::super::msg::{BlockImm, SessionMsg};

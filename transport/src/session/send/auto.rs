@@ -1,10 +1,10 @@
 //! The sender's side of `--level auto`: the pacer wait, the per-block decision with live
 //! estimates, and the policy's starting state (the link probe is in [`super::probe`]).
 
-use kvwire_codec::model::ModelRole;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kvwire_codec::model::ModelRole;
 use kvwire_codec::Encoder;
 
 use super::{KvSender, SendOptions};
