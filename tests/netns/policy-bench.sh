@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The compression policy over shaped links: one KV file sent with `kvwire send` between two
 # network namespaces (shaped-link.sh) at every fixed level and at `--level auto`, at each
-# rate, timing send-to-last-layer-decoded; prints the table and whether auto is within
-# 1.10x of the best fixed level at each rate, and auto's speed-up over raw at 1 Gbit/s.
+# rate, timing send-to-last-layer-decoded (the levels in turn, each rep starting one level
+# further along); prints the table and whether auto is within 1.10x of the best fixed level
+# at each rate, and auto's speed-up over raw at 1 Gbit/s.
 #
 #   tests/netns/policy-bench.sh [--kv FILE] [--rates "0.3gbit 1gbit 3gbit 10gbit unshaped"]
 #                               [--levels "raw q8 cg-high cg-default cg-low auto"] [--reps N]
@@ -17,7 +18,8 @@
 # process and probes the link. The received caches go to /dev/null.
 # Beside each rate's auto/best it prints a 90% bootstrap interval of that ratio (the best
 # level chosen again in every resample) and the median of the per-rep ratios (auto and the
-# best level ran back to back in each rep): how far the medians can be trusted on a noisy host.
+# best level ran in the same rep, a few transfers apart): how far the medians can be trusted
+# on a noisy host.
 # --runs FILE keeps every transfer's `send --json` line (with its rate) in FILE.
 # KVWIRE_BIN selects the binary (default target/release/kvwire); exits 77 (skip) when
 # network namespaces are not available here.
@@ -106,8 +108,13 @@ for rate in $RATES; do
         start_receiver $((REPS * $(wc -w <<<"$LEVELS") + 1))
         send_one cg-low # untimed: the receiver's memory is touched once
     fi
+    read -ra ORDER <<<"$LEVELS"
     for ((i = 0; i < REPS; i++)); do
-        for level in $LEVELS; do
+        # Each rep starts one level further along the list, so that no level always follows
+        # the same one (the previous transfer leaves the link's queue, the receiver's caches
+        # and the scheduler in its own state).
+        for ((j = 0; j < ${#ORDER[@]}; j++)); do
+            level=${ORDER[$(((i + j) % ${#ORDER[@]}))]}
             # Not in a subshell: the receiver's port and pid stay with this shell.
             transfer "$level" >"$TMP/line.json"
             python3 -c "import json,sys; d=json.load(open(sys.argv[2])); d['rate']=sys.argv[1]; print(json.dumps(d))" \
