@@ -8,6 +8,7 @@
 #   tests/netns/policy-bench.sh [--kv FILE] [--rates "0.3gbit 1gbit 3gbit 10gbit unshaped"]
 #                               [--levels "raw q8 cg-high cg-default cg-low auto"] [--reps N]
 #                               [--receiver warm|fresh] [--runs FILE]
+#   tests/netns/policy-bench.sh --summarize "RUNS_FILE..." [--rates LIST] [--levels LIST]
 #
 # "unshaped": the veth pair with its tbf qdiscs removed. Both ends share this machine's
 # cores (no pinning): the codec competes with the other side and with anything else running.
@@ -20,7 +21,8 @@
 # level chosen again in every resample) and the median of the per-rep ratios (auto and the
 # best level ran in the same rep, a few transfers apart): how far the medians can be trusted
 # on a noisy host.
-# --runs FILE keeps every transfer's `send --json` line (with its rate) in FILE.
+# --runs FILE keeps every transfer's `send --json` line (with its rate) in FILE;
+# --summarize prints the table of such files pooled (batches of equal reps), running nothing.
 # KVWIRE_BIN selects the binary (default target/release/kvwire); exits 77 (skip) when
 # network namespaces are not available here.
 set -euo pipefail
@@ -35,6 +37,7 @@ LEVELS="raw q8 cg-high cg-default cg-low auto"
 REPS=1
 RECEIVER=warm
 RUNS=
+SUMMARIZE=
 
 while (($# > 0)); do
     case $1 in
@@ -44,9 +47,80 @@ while (($# > 0)); do
         --reps) REPS=$2; shift 2 ;;
         --receiver) RECEIVER=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
-        *) echo "usage: $0 [--kv FILE] [--rates LIST] [--levels LIST] [--reps N] [--receiver warm|fresh] [--runs FILE]" >&2; exit 2 ;;
+        --summarize) SUMMARIZE=$2; shift 2 ;;
+        *) echo "usage: $0 [--kv FILE] [--rates LIST] [--levels LIST] [--reps N] [--receiver warm|fresh] [--runs FILE] | --summarize \"FILE...\"" >&2; exit 2 ;;
     esac
 done
+# Prints the table, the verdicts and the JSON summary of the runs in file $1.
+summarize() {
+    python3 - "$1" "$KV" "$RATES" "$LEVELS" "$RECEIVER" <<'PY'
+import json, random, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+rates, levels = sys.argv[3].split(), sys.argv[4].split()
+t = {}
+for r in rows:
+    t.setdefault((r["rate"], r["level"]), []).append(r["last_layer_decoded_s"] * 1e3)
+med = {k: statistics.median(v) for k, v in t.items()}
+
+def spread(rate):
+    """How sure the ratio is: a 90% bootstrap interval of median(auto) / the best fixed
+    level's median, the runs of every level resampled and the best level chosen again in
+    each resample (so picking the luckiest of near-equal levels counts against auto as it
+    does in the headline figure); and the median of the per-rep ratios of auto to the best
+    level's run in the same rep (a few transfers apart, under about the same load)."""
+    fixed = [l for l in levels if l != "auto" and (rate, l) in t]
+    if not fixed or (rate, "auto") not in t:
+        return float("nan"), float("nan"), float("nan")
+    rng = random.Random(7)
+    boot = []
+    for _ in range(2000):
+        m = lambda l: statistics.median(rng.choices(t[(rate, l)], k=len(t[(rate, l)])))
+        boot.append(m("auto") / min(m(l) for l in fixed))
+    boot.sort()
+    best = min(fixed, key=lambda l: med[(rate, l)])
+    paired = statistics.median(a / b for a, b in zip(t[(rate, "auto")], t[(rate, best)]))
+    return boot[len(boot) // 20], boot[len(boot) * 19 // 20], paired
+print(f"KV {sys.argv[2]}: send-to-last-layer-decoded, ms (median of {len(next(iter(t.values())))}; {sys.argv[5]} receiver)")
+print(f"{'rate':>10} " + " ".join(f"{l:>10}" for l in levels) + "   auto/best  auto's blocks per run")
+summary = []
+for rate in rates:
+    fixed = {l: med[(rate, l)] for l in levels if l != "auto" and (rate, l) in med}
+    best = min(fixed, key=fixed.get) if fixed else None
+    a = med.get((rate, "auto"))
+    ratio = a / fixed[best] if a and best else float("nan")
+    pol = [r["policy"] for r in rows if r["rate"] == rate and r["level"] == "auto"]
+    # What auto chose in each run: distinct block mixes, with how many runs chose each.
+    mixes = {}
+    for q in pol:
+        mixes[q["blocks_per_level"]] = mixes.get(q["blocks_per_level"], 0) + 1
+    counts = ", ".join(f"{m} x{n}" for m, n in sorted(mixes.items(), key=lambda kv: -kv[1]))
+    print(f"{rate:>10} " + " ".join(f"{med.get((rate, l), float('nan')):10.1f}" for l in levels)
+          + f"   {ratio:5.2f} ({best})  {counts}")
+    summary.append({"rate": rate, "best_fixed": best, "auto_over_best": ratio,
+                    "ms": {l: med.get((rate, l)) for l in levels}, "auto_policy": pol[-1] if pol else None})
+for s in summary:
+    r = s["auto_over_best"]
+    lo, hi, paired = spread(s["rate"])
+    s["auto_over_best_90ci"], s["auto_over_best_paired"] = [lo, hi], paired
+    print(f"  {s['rate']}: auto / best fixed ({s['best_fixed']}) = {r:.2f}  (target <= 1.10: {'PASS' if r <= 1.10 else 'MISS'})"
+          f"  90% bootstrap {lo:.2f}-{hi:.2f}, paired by rep {paired:.2f}")
+one = [s for s in summary if s["rate"] == "1gbit"]
+if one and one[0]["ms"].get("raw") and one[0]["ms"].get("auto"):
+    sp = one[0]["ms"]["raw"] / one[0]["ms"]["auto"]
+    print(f"  1gbit: raw / auto = {sp:.2f}x  (target >= 3: {'PASS' if sp >= 3 else 'MISS'})")
+print(json.dumps(summary))
+PY
+}
+
+if [[ -n $SUMMARIZE ]]; then
+    POOLED=$(mktemp)
+    # shellcheck disable=SC2086 # a list of files
+    cat $SUMMARIZE >"$POOLED"
+    summarize "$POOLED"
+    rm -f "$POOLED"
+    exit 0
+fi
+
 [[ -x $BIN ]] || { echo "no kvwire binary at $BIN (cargo build --release -p kvwire-bench)" >&2; exit 2; }
 [[ $RECEIVER == warm || $RECEIVER == fresh ]] || { echo "--receiver is warm or fresh" >&2; exit 2; }
 [[ -f $KV ]] || { echo "no KV file at $KV (see tools/realkv, or pass --kv)" >&2; exit 2; }
@@ -125,60 +199,4 @@ for rate in $RATES; do
 done
 
 [[ -z $RUNS ]] || cp "$RESULTS" "$RUNS"
-python3 - "$RESULTS" "$KV" "$RATES" "$LEVELS" "$RECEIVER" <<'PY'
-import json, random, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-rates, levels = sys.argv[3].split(), sys.argv[4].split()
-t = {}
-for r in rows:
-    t.setdefault((r["rate"], r["level"]), []).append(r["last_layer_decoded_s"] * 1e3)
-med = {k: statistics.median(v) for k, v in t.items()}
-
-def spread(rate):
-    """How sure the ratio is: a 90% bootstrap interval of median(auto) / the best fixed
-    level's median, the runs of every level resampled and the best level chosen again in
-    each resample (so picking the luckiest of near-equal levels counts against auto as it
-    does in the headline figure); and the median of the per-rep ratios of auto to the best
-    level's run in the same rep (each pair ran back to back, under the same load)."""
-    fixed = [l for l in levels if l != "auto" and (rate, l) in t]
-    if not fixed or (rate, "auto") not in t:
-        return float("nan"), float("nan"), float("nan")
-    rng = random.Random(7)
-    boot = []
-    for _ in range(2000):
-        m = lambda l: statistics.median(rng.choices(t[(rate, l)], k=len(t[(rate, l)])))
-        boot.append(m("auto") / min(m(l) for l in fixed))
-    boot.sort()
-    best = min(fixed, key=lambda l: med[(rate, l)])
-    paired = statistics.median(a / b for a, b in zip(t[(rate, "auto")], t[(rate, best)]))
-    return boot[len(boot) // 20], boot[len(boot) * 19 // 20], paired
-print(f"KV {sys.argv[2]}: send-to-last-layer-decoded, ms (median of {len(next(iter(t.values())))}; {sys.argv[5]} receiver)")
-print(f"{'rate':>10} " + " ".join(f"{l:>10}" for l in levels) + "   auto/best  auto's blocks per run")
-summary = []
-for rate in rates:
-    fixed = {l: med[(rate, l)] for l in levels if l != "auto" and (rate, l) in med}
-    best = min(fixed, key=fixed.get) if fixed else None
-    a = med.get((rate, "auto"))
-    ratio = a / fixed[best] if a and best else float("nan")
-    pol = [r["policy"] for r in rows if r["rate"] == rate and r["level"] == "auto"]
-    # What auto chose in each run: distinct block mixes, with how many runs chose each.
-    mixes = {}
-    for q in pol:
-        mixes[q["blocks_per_level"]] = mixes.get(q["blocks_per_level"], 0) + 1
-    counts = ", ".join(f"{m} x{n}" for m, n in sorted(mixes.items(), key=lambda kv: -kv[1]))
-    print(f"{rate:>10} " + " ".join(f"{med.get((rate, l), float('nan')):10.1f}" for l in levels)
-          + f"   {ratio:5.2f} ({best})  {counts}")
-    summary.append({"rate": rate, "best_fixed": best, "auto_over_best": ratio,
-                    "ms": {l: med.get((rate, l)) for l in levels}, "auto_policy": pol[-1] if pol else None})
-for s in summary:
-    r = s["auto_over_best"]
-    lo, hi, paired = spread(s["rate"])
-    s["auto_over_best_90ci"], s["auto_over_best_paired"] = [lo, hi], paired
-    print(f"  {s['rate']}: auto / best fixed ({s['best_fixed']}) = {r:.2f}  (target <= 1.10: {'PASS' if r <= 1.10 else 'MISS'})"
-          f"  90% bootstrap {lo:.2f}-{hi:.2f}, paired by rep {paired:.2f}")
-one = [s for s in summary if s["rate"] == "1gbit"]
-if one and one[0]["ms"].get("raw") and one[0]["ms"].get("auto"):
-    sp = one[0]["ms"]["raw"] / one[0]["ms"]["auto"]
-    print(f"  1gbit: raw / auto = {sp:.2f}x  (target >= 3: {'PASS' if sp >= 3 else 'MISS'})")
-print(json.dumps(summary))
-PY
+summarize "$RESULTS"
