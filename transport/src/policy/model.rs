@@ -11,8 +11,9 @@
 //! pace, the other two are paid once (filling the pipe before the slow stage, draining after
 //! it). The pace is a soft maximum of the stages ([`STAGE_NORM`]): stages of nearly equal
 //! time hold each other up, the wire waiting for a block still being encoded, the encoder
-//! for a buffer still on the wire. e = block bytes / (encode bytes/s per core x sender threads), w = block bytes x ratio /
-//! link bytes/s, d = block bytes / receiver decode bytes/s (the receiver reports its total).
+//! for a buffer still on the wire. e = block bytes / (encode bytes/s per core x sender
+//! threads), w = block bytes x ratio / link bytes/s, d = block bytes / receiver decode
+//! bytes/s (the receiver reports its total).
 //! Moving the encoded bytes also costs each end CPU (a TCP stack, a copy; nothing over RDMA):
 //! x = block bytes x ratio x [`PolicyInputs::wire_cpu`], on the same cores as the codec, so
 //! the sender's stage is e + x and the receiver's d + x; on one machine's cores, e + d + 2x.

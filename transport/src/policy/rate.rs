@@ -300,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn the_probe_counts_as_two_windows() {
+    fn the_probe_counts_as_three_windows() {
         let mut e = RateEstimator::new(None);
         e.set_rate(1e9);
         assert_eq!(e.rate(), Some(1e9));
