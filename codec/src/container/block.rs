@@ -269,16 +269,39 @@ fn decode_payload_with(
         None
     };
     let (bk, bv) = header.layer_bins(layer);
+    // Where f16 output has no channel scales, SIMD loops write the values themselves.
+    let values: Vec<f32> = if fused && spec.dtype == DType::F16 && channel_scales.is_none() {
+        scales
+            .iter()
+            .flatten()
+            .map(|&s| spec.dtype.scale_value(s))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let max = [quant::max_level(bk) as f32, quant::max_level(bv) as f32];
     crate::scratch::with_bytes(2 * c * n, |syms| {
         match header.level {
             Level::Raw => unreachable!("handled above"),
             Level::Q8 => {
-                syms.copy_from_slice(r.take(2 * c * n)?);
+                let plain = r.take(2 * c * n)?;
                 let top = (alphabet(256) - 1) as u8;
-                if let Some(i) = syms.iter().position(|&s| s > top) {
+                if let Some(i) = first_above(plain, top) {
                     let stream = i / (n * c) * c + i % c;
                     return Err(DecodeError::SymbolOutOfRange { stream });
                 }
+                if !values.is_empty() {
+                    let mut rows = f16_rows(&spec, t0, max, &values, out);
+                    let b = BlockSymbols {
+                        n,
+                        channels: c,
+                        widths: [top.into(); 2],
+                    };
+                    if native::dequantize_f16(plain, b, &mut rows) {
+                        return finish(&r);
+                    }
+                }
+                syms.copy_from_slice(plain);
             }
             Level::CgHigh | Level::CgDefault | Level::CgLow => {
                 let b = BlockSymbols {
@@ -287,25 +310,9 @@ fn decode_payload_with(
                     widths: [alphabet(bk) - 1, alphabet(bv) - 1],
                 };
                 let rest = r.take(r.remaining())?;
-                if fused && spec.dtype == DType::F16 && channel_scales.is_none() {
+                if !values.is_empty() {
                     // The SIMD decoder writes the values itself where it can.
-                    let row0 = |part| spec.row_runs(0, part, 0);
-                    let (k0, v0) = (row0(Part::K), row0(Part::V));
-                    let values: Vec<f32> = scales
-                        .iter()
-                        .flatten()
-                        .map(|&s| spec.dtype.scale_value(s))
-                        .collect();
-                    let mut rows = native::F16Rows {
-                        out: &mut *out,
-                        plane: [k0.start, v0.start],
-                        row_step: spec.row_runs(0, Part::K, 1).start - k0.start,
-                        run_len: k0.run_len,
-                        run_stride: k0.stride,
-                        t0,
-                        max: [quant::max_level(bk) as f32, quant::max_level(bv) as f32],
-                        scales: &values,
-                    };
+                    let mut rows = f16_rows(&spec, t0, max, &values, out);
                     if native::decode_symbols_f16(rest, b, syms, &mut rows)? {
                         return finish(&r);
                     }
@@ -333,6 +340,42 @@ fn decode_payload_with(
         );
         finish(&r)
     })
+}
+
+/// The index of the first byte of `s` above `top`, if any; the common case (none) in one
+/// vectorized pass.
+fn first_above(s: &[u8], top: u8) -> Option<usize> {
+    let max = crate::cpu::with_avx2(
+        #[inline(always)]
+        || s.iter().fold(0u8, |m, &x| m.max(x)),
+    );
+    if max <= top {
+        return None;
+    }
+    s.iter().position(|&x| x > top)
+}
+
+/// Where (part, token, channel) of a block of tokens from `t0` of `spec`'s one layer lies in
+/// `out`, for the loops that write f16 values themselves.
+fn f16_rows<'a>(
+    spec: &crate::KvSpec,
+    t0: usize,
+    max: [f32; 2],
+    scales: &'a [f32],
+    out: &'a mut [u8],
+) -> native::F16Rows<'a> {
+    let row0 = |part| spec.row_runs(0, part, 0);
+    let (k0, v0) = (row0(Part::K), row0(Part::V));
+    native::F16Rows {
+        out,
+        plane: [k0.start, v0.start],
+        row_step: spec.row_runs(0, Part::K, 1).start - k0.start,
+        run_len: k0.run_len,
+        run_stride: k0.stride,
+        t0,
+        max,
+        scales,
+    }
 }
 
 /// What the dequantizer needs to place a block's rows.
@@ -497,7 +540,7 @@ mod tests {
     use crate::{BlockHeader, EncodeOptions, Encoder, KvCache, KvShape, KvSpec, Layout};
 
     /// The SIMD decoder's own f16 output equals the separate dequantizer's, bit for bit, in
-    /// both layouts, for full and partial chunks and every native level.
+    /// both layouts, for full and partial chunks and every native level and q8.
     #[test]
     fn fused_f16_output_matches_the_dequantizer() {
         for layout in [Layout::Hf, Layout::Vllm] {
@@ -511,7 +554,7 @@ mod tests {
                     let h = (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) % 2000;
                     (h as f32 / 1000.0 - 1.0) * (1.0 + (i % 7) as f32)
                 });
-                for level in [Level::CgHigh, Level::CgDefault, Level::CgLow] {
+                for level in [Level::Q8, Level::CgHigh, Level::CgDefault, Level::CgLow] {
                     let enc = Encoder::new(spec, &EncodeOptions::level(level)).unwrap();
                     let h = enc.header();
                     let mut one = spec;
@@ -535,6 +578,36 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A q8 symbol outside the alphabet (255) is refused with its stream, whether or not the
+    /// f16 loop would have written the block.
+    #[test]
+    fn a_q8_symbol_out_of_range_names_its_stream() {
+        let spec = KvSpec {
+            shape: KvShape::new(1, 3, 40, 64),
+            layout: Layout::Hf,
+            dtype: DType::F16,
+        };
+        let kv = KvCache::from_fn(spec, |i| (i % 13) as f32 - 6.0);
+        let enc = Encoder::new(spec, &EncodeOptions::level(Level::Q8)).unwrap();
+        let h = enc.header();
+        let mut block = Vec::new();
+        enc.encode_block(&kv.view(), 0, 0, &mut block).unwrap();
+        let bh = BlockHeader::read(&block).unwrap();
+        let mut payload = bh.verified_payload(&block).unwrap().to_vec();
+        let (n, c) = (40, 192);
+        // V (part 1), token 2, channel 5; the symbols follow 2·n scales of 2 bytes.
+        payload[4 * n + (n + 2) * c + 5] = 0xff;
+        let mut out = vec![0u8; spec.byte_len()];
+        for fused in [true, false] {
+            let e = decode_payload_with(h, 0, 0, n, &payload, &mut out, fused).unwrap_err();
+            assert_eq!(
+                e,
+                DecodeError::SymbolOutOfRange { stream: c + 5 },
+                "{fused}"
+            );
         }
     }
 }

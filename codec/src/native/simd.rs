@@ -476,3 +476,44 @@ unsafe fn gather8(table: *const i32, idx: __m256i) -> __m256i {
     );
     _mm256_set_m128i(b, a)
 }
+
+/// Writes a block of plain symbols (`syms`, token-major per part, as [`BlockSymbols`] lays
+/// them out) into `rows` as f16: `x^ = ((q - MAX) / MAX) · m`, the same IEEE operations as
+/// the fused decoder above and the dequantizer. The caller checked the symbols' range.
+pub(super) fn dequantize_f16(syms: &[u8], b: BlockSymbols, rows: &mut F16Rows<'_>) {
+    assert!(rows.fits(b), "f16 rows outside the output buffer");
+    assert_eq!(syms.len(), b.len(), "symbols do not match the block shape");
+    // SAFETY: `available()` (checked by the caller, `super::dequantize_f16`) says the CPU has
+    // AVX2 and F16C, the only requirement of `dequantize_avx2`.
+    unsafe { dequantize_avx2(syms, b, rows) }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dequantize_avx2(syms: &[u8], b: BlockSymbols, rows: &mut F16Rows<'_>) {
+    let (n, c) = (b.n, b.channels);
+    let offsets: Vec<usize> = (0..c)
+        .step_by(8)
+        .map(|ch| rows.channel_offset(ch))
+        .collect();
+    let out = rows.out.as_mut_ptr().cast::<u16>();
+    for p in 0..2 {
+        let maxv = _mm256_set1_ps(rows.max[p]);
+        for i in 0..n {
+            let scale = _mm256_set1_ps(rows.scales[p * n + i]);
+            let row_el = rows.plane[p] + (rows.t0 + i) * rows.row_step;
+            let row = &syms[(p * n + i) * c..(p * n + i + 1) * c];
+            for (src, &off) in row.chunks_exact(8).zip(&offsets) {
+                // SAFETY: `src` holds 8 bytes (chunks_exact), the 64-bit load's width.
+                let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(src.as_ptr().cast()));
+                let val = _mm256_mul_ps(
+                    _mm256_div_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), maxv), maxv),
+                    scale,
+                );
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(val);
+                // SAFETY: `F16Rows::fits` (asserted above) bounds every row start plus every
+                // 8-channel chunk offset plus 8 within `out`.
+                _mm_storeu_si128(out.add(row_el + off).cast(), h);
+            }
+        }
+    }
+}
