@@ -43,6 +43,7 @@ mod level;
 pub mod lmcache;
 pub mod model;
 pub mod native;
+mod plain_f16;
 pub mod quant;
 pub mod rans;
 mod scratch;

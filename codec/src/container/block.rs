@@ -6,6 +6,7 @@ use crate::error::{CodecError, DecodeError, Result};
 use crate::layout::{KvView, Part};
 use crate::level::Level;
 use crate::native::{self, BlockSymbols};
+use crate::plain_f16;
 use crate::quant::{self, alphabet};
 use crate::{lmcache, Header};
 use half::slice::HalfFloatSliceExt;
@@ -127,6 +128,18 @@ pub(crate) fn encode_payload(
     at: BlockAt,
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    encode_payload_with(header, view, at, out, true)
+}
+
+/// [`encode_payload`]; `fused` lets a SIMD loop quantize q8 blocks of f16 rows itself (tests
+/// turn it off to compare with the portable quantizer).
+fn encode_payload_with(
+    header: &Header,
+    view: &KvView<'_>,
+    at: BlockAt,
+    out: &mut Vec<u8>,
+    fused: bool,
+) -> Result<()> {
     let BlockAt {
         view_layer,
         layer,
@@ -146,6 +159,22 @@ pub(crate) fn encode_payload(
             }
         }
         return Ok(());
+    }
+    if fused
+        && header.level == Level::Q8
+        && header.spec.dtype == DType::F16
+        && view.spec().dtype == DType::F16
+        && !header.channel_scale_k()
+        && plain_f16::available()
+    {
+        let start = out.len();
+        let done = encode_q8_f16(header, view, at, out);
+        if !matches!(done, Ok(true)) {
+            out.truncate(start);
+        }
+        if done? {
+            return Ok(());
+        }
     }
     let qb = crate::cpu::with_avx2(
         #[inline(always)]
@@ -178,6 +207,40 @@ pub(crate) fn encode_payload(
         }
     }
     Ok(())
+}
+
+/// Appends a q8 payload of f16 rows quantized by the SIMD loop: every row's scale, then its
+/// symbols, as the portable path lays them out. `Ok(false)` (with `out` partly written) where
+/// a row's layout is out of the loop's reach.
+fn encode_q8_f16(
+    header: &Header,
+    view: &KvView<'_>,
+    at: BlockAt,
+    out: &mut Vec<u8>,
+) -> Result<bool> {
+    let (c, n) = (view.spec().shape.channels(), at.n);
+    let (bk, bv) = header.layer_bins(at.layer);
+    let start = out.len();
+    out.resize(start + 4 * n + 2 * c * n, 0);
+    let (scales, syms) = out[start..].split_at_mut(4 * n);
+    for (p, part) in Part::BOTH.into_iter().enumerate() {
+        let bins = if p == 0 { bk } else { bv };
+        for i in 0..n {
+            let r = view.spec().row_runs(at.view_layer, part, at.t0 + i);
+            if !plain_f16::row_fits(view.bytes(), r) || r.runs * r.run_len != c {
+                return Ok(false);
+            }
+            let row = p * n + i;
+            let bits = plain_f16::quantize_row(view.bytes(), r, bins, &mut syms[row * c..][..c])
+                .ok_or(CodecError::NonFinite {
+                    layer: at.layer,
+                    part: part.name(),
+                    token: at.t0 + i,
+                })?;
+            scales[2 * row..2 * row + 2].copy_from_slice(&bits.to_le_bytes());
+        }
+    }
+    Ok(true)
 }
 
 /// LMCache's max_bins over the whole header: one CDF length (Lp = max_bins + 1) for K and V.
@@ -290,14 +353,15 @@ fn decode_payload_with(
                     let stream = i / (n * c) * c + i % c;
                     return Err(DecodeError::SymbolOutOfRange { stream });
                 }
-                if !values.is_empty() {
+                if !values.is_empty() && plain_f16::available() {
                     let mut rows = f16_rows(&spec, t0, max, &values, out);
                     let b = BlockSymbols {
                         n,
                         channels: c,
                         widths: [top.into(); 2],
                     };
-                    if native::dequantize_f16(plain, b, &mut rows) {
+                    if rows.fits(b) {
+                        plain_f16::dequantize(plain, b, &mut rows);
                         return finish(&r);
                     }
                 }
@@ -608,6 +672,72 @@ mod tests {
                 DecodeError::SymbolOutOfRange { stream: c + 5 },
                 "{fused}"
             );
+        }
+    }
+
+    /// The SIMD q8 quantizer writes the portable quantizer's payload, bit for bit, in both
+    /// layouts, for full and partial chunks, all-zero rows and subnormal scales; a row with a
+    /// NaN or infinity fails alike on both paths and leaves nothing behind.
+    #[test]
+    fn fused_q8_encoding_matches_the_quantizer() {
+        for layout in [Layout::Hf, Layout::Vllm] {
+            for (heads, dim, tokens) in [(3, 64, 300), (2, 8, 37), (8, 16, 64), (1, 40, 5)] {
+                let spec = KvSpec {
+                    shape: KvShape::new(2, heads, tokens, dim),
+                    layout,
+                    dtype: DType::F16,
+                };
+                let c = heads * dim;
+                let kv = KvCache::from_fn(spec, |i| {
+                    let h = (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) % 2000;
+                    match (i / c) % 5 {
+                        0 => 0.0,
+                        1 => (h as f32 - 1000.0) * 1e-10,
+                        _ => (h as f32 / 1000.0 - 1.0) * (1.0 + (i % 7) as f32),
+                    }
+                });
+                let enc = Encoder::new(spec, &EncodeOptions::level(Level::Q8)).unwrap();
+                let h = enc.header();
+                for layer in 0..2 {
+                    for chunk in 0..h.chunks() {
+                        let r = h.chunk_range(chunk);
+                        let at = BlockAt {
+                            view_layer: layer,
+                            layer,
+                            t0: r.start,
+                            n: r.len(),
+                        };
+                        let (mut a, mut b) = (vec![7u8], vec![7u8]);
+                        encode_payload_with(h, &kv.view(), at, &mut a, true).unwrap();
+                        encode_payload_with(h, &kv.view(), at, &mut b, false).unwrap();
+                        assert!(a == b, "{layout:?} {heads}x{dim} l{layer} c{chunk}");
+                    }
+                }
+                let mut bad = kv.clone();
+                let token = tokens - 1;
+                let at = spec.index(1, Part::V, token, c - 1) * 2;
+                for (v, name) in [(0x7e00u16, "NaN"), (0x7c00, "inf")] {
+                    bad.bytes_mut()[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                    let chunk = h.chunks() - 1;
+                    let r = h.chunk_range(chunk);
+                    let at = BlockAt {
+                        view_layer: 1,
+                        layer: 1,
+                        t0: r.start,
+                        n: r.len(),
+                    };
+                    for fused in [true, false] {
+                        let mut out = vec![7u8];
+                        let e =
+                            encode_payload_with(h, &bad.view(), at, &mut out, fused).unwrap_err();
+                        assert!(
+                            matches!(e, CodecError::NonFinite { layer: 1, part: "V", token: t } if t == token),
+                            "{name} {fused}: {e}"
+                        );
+                        assert_eq!(out, [7], "{name} {fused}: a failed block leaves nothing");
+                    }
+                }
+            }
         }
     }
 }

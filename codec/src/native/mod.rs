@@ -304,20 +304,6 @@ pub fn decode_symbols_f16(
     Ok(false)
 }
 
-/// Writes a block of plain (not entropy-coded) symbols `syms`, laid out as `b` says, into
-/// `rows` as f16 where this CPU has a loop that does so (returns `true`); otherwise writes
-/// nothing (returns `false`) and the caller dequantizes. Every symbol must lie in its part's
-/// alphabet (`2·MAX + 1` values).
-pub fn dequantize_f16(syms: &[u8], b: BlockSymbols, rows: &mut F16Rows<'_>) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if simd::available() && rows.fits(b) && syms.len() == b.len() {
-        simd::dequantize_f16(syms, b, rows);
-        return true;
-    }
-    let _ = (syms, b, rows);
-    false
-}
-
 /// Which decoding loop to run (tests compare them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
