@@ -269,6 +269,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<()> {
             "switches": p.switches,
             "shared_cpu": p.shared_cpu,
             "probed": p.probed,
+            "probe_blocks": p.probe_blocks,
             "first_level": Level::from_code(p.first_level).map(|l| l.to_string()),
             "last_level": Level::from_code(p.last_level).map(|l| l.to_string()),
         })

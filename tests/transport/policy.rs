@@ -102,6 +102,21 @@ fn a_raw_floor_arrives_bit_exact_over_both_fabrics() {
     }
 }
 
+/// The probe's writes are the cache's first blocks (at `q8`, the smaller level that costs one
+/// pass over the data), not filler: they count among the transfer's blocks and decode like
+/// the rest.
+#[test]
+fn the_probe_sends_the_first_blocks_of_the_cache() {
+    let kv = fixture_head(30);
+    for fabric in FABRICS {
+        let (got, s) = transfer(fabric, &kv, &auto(None, Some(50_000_000), None));
+        assert!(s.probed && s.probe_blocks > 0, "{fabric:?}: {s:?}");
+        assert!(count(&s, Level::Q8) >= s.probe_blocks, "{fabric:?}: {s:?}");
+        assert_eq!(s.blocks_per_level.iter().sum::<u32>(), 30 * 4, "{s:?}");
+        check_within_bound(&kv.view(), &got, &EncodeOptions::level(Level::CgLow)).unwrap();
+    }
+}
+
 #[test]
 fn a_slow_paced_link_gets_compressed_blocks_within_their_bounds() {
     let kv = fixture_head(8);

@@ -68,7 +68,8 @@ impl PolicyOptions {
 pub struct PolicySummary {
     /// Blocks sent per level, indexed by [`Level::code`].
     pub blocks_per_level: [u32; 6],
-    /// Link rate used for the first decision, bytes/s.
+    /// Link rate of the first decision taken at one, bytes/s (the probe's first blocks go
+    /// before it has a reading).
     pub first_rate: u64,
     /// Link rate estimate at the end, bytes/s.
     pub last_rate: u64,
@@ -79,7 +80,7 @@ pub struct PolicySummary {
     pub wire_cpu_ps: u64,
     /// Times the chosen level changed from one block to the next.
     pub switches: u32,
-    /// [`Level::code`] of the first block's level.
+    /// [`Level::code`] of the level of that decision's block.
     pub first_level: u8,
     /// [`Level::code`] of the last block's level.
     pub last_level: u8,
@@ -88,6 +89,8 @@ pub struct PolicySummary {
     /// Whether the transfer probed the link (else it started from an earlier transfer's
     /// estimate on the connection, or from [`PolicyOptions::initial_rate`]).
     pub probed: bool,
+    /// Blocks the probe sent as its writes (counted in [`Self::blocks_per_level`] too).
+    pub probe_blocks: u32,
 }
 
 impl PolicySummary {

@@ -112,6 +112,9 @@ pub struct KvSender<'c> {
     /// The link's transport CPU counter when the blocks began
     /// ([`crate::link::Link::send_cpu`]).
     cpu_at_begin: Option<(u64, Duration)>,
+    /// The link is to be probed before the next block (a policy transfer without an
+    /// estimate): the first [`Self::pump`] does, with that call's first blocks at hand.
+    probe_pending: bool,
 }
 
 impl<'c> KvSender<'c> {
@@ -279,13 +282,9 @@ impl<'c> KvSender<'c> {
             wire_bytes: AtomicUsize::new(header_len),
             next_wr: AtomicUsize::new(0),
             cpu_at_begin: None,
+            probe_pending: opts.policy.is_some() && initial.is_none(),
         };
-        if opts.policy.is_some() && initial.is_none() {
-            sender.probe()?;
-            if let Some(l) = &mut sender.lock().live {
-                l.summary.probed = true;
-            }
-        } else if let Some(e) = start_from {
+        if let Some(e) = start_from {
             tracing::debug!(
                 rate = e.rate,
                 "link estimate from an earlier transfer on this connection"
@@ -397,6 +396,19 @@ impl<'c> KvSender<'c> {
     /// Encodes and writes `blocks` ((layer, chunk) pairs), `encode` filling a buffer per
     /// block; returns when every block is posted.
     fn pump(&mut self, blocks: &[(usize, usize)], encode: &EncodeFn<'_>) -> Result<()> {
+        let mut blocks = blocks;
+        if std::mem::take(&mut self.probe_pending) {
+            let sent = match self.probe(blocks, encode) {
+                Ok(sent) => sent,
+                Err(e) => return Err(self.abort(e)),
+            };
+            if let Some(l) = &mut self.lock().live {
+                l.summary.probed = true;
+            }
+            self.blocks += sent;
+            blocks = &blocks[sent..];
+            self.cpu_at_begin = self.conn.send_cpu();
+        }
         let threads = match self.opts.threads {
             0 => thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -419,26 +431,8 @@ impl<'c> KvSender<'c> {
                             p.buffers.pop().unwrap_or_default()
                         })
                     })?;
-                buf.clear();
                 let (index, announce) = this.decide(layer, chunk);
-                if announce {
-                    // The receiver builds this level's tables while this end builds its own.
-                    this.conn
-                        .send_msg(&SessionMsg::Prepare { index: index as u8 }.to_bytes())?;
-                }
-                if this.levels_on_wire {
-                    buf.push(index as u8);
-                }
-                let t = Instant::now();
-                encode(&this.encoders[index], layer, chunk, &mut buf)?;
-                this.observe(index, buf.len(), t.elapsed());
-                if buf.len() as u64 > this.slot_size {
-                    return Err(TransportError::Invalid(format!(
-                        "block (layer {layer}, chunk {chunk}) is {} bytes, the receiver's slots hold {} (use smaller chunks)",
-                        buf.len(),
-                        this.slot_size
-                    )));
-                }
+                this.encode_block(layer, chunk, index, announce, &mut buf, encode)?;
                 let slot = this
                     .wait_for("a free receive slot (the receiver stopped granting)", |p| {
                         p.free_slots.pop_front()
@@ -496,17 +490,58 @@ impl<'c> KvSender<'c> {
         });
         self.blocks += blocks.len();
         match result {
-            Some(e) => {
-                let _ = self.conn.send_msg(
-                    &SessionMsg::Abort {
-                        reason: e.to_string(),
-                    }
-                    .to_bytes(),
-                );
-                Err(e)
-            }
+            Some(e) => Err(self.abort(e)),
             None => Ok(()),
         }
+    }
+
+    /// Tells the receiver the transfer failed with `e` (if the connection still carries it);
+    /// returns `e`.
+    fn abort(&self, e: TransportError) -> TransportError {
+        let _ = self.conn.send_msg(
+            &SessionMsg::Abort {
+                reason: e.to_string(),
+            }
+            .to_bytes(),
+        );
+        e
+    }
+
+    /// Encodes block (`layer`, `chunk`) with candidate `index` into `buf` (cleared first),
+    /// behind its level byte where blocks carry one; with `announce`, first tells the
+    /// receiver to build the level's tables (`Prepare`).
+    ///
+    /// # Errors
+    /// The codec's; a block larger than the receiver's slots.
+    fn encode_block(
+        &self,
+        layer: usize,
+        chunk: usize,
+        index: usize,
+        announce: bool,
+        buf: &mut Vec<u8>,
+        encode: &EncodeFn<'_>,
+    ) -> Result<()> {
+        buf.clear();
+        if announce {
+            // The receiver builds this level's tables while this end builds its own.
+            self.conn
+                .send_msg(&SessionMsg::Prepare { index: index as u8 }.to_bytes())?;
+        }
+        if self.levels_on_wire {
+            buf.push(index as u8);
+        }
+        let t = Instant::now();
+        encode(&self.encoders[index], layer, chunk, buf)?;
+        self.observe(index, buf.len(), t.elapsed());
+        if buf.len() as u64 > self.slot_size {
+            return Err(TransportError::Invalid(format!(
+                "block (layer {layer}, chunk {chunk}) is {} bytes, the receiver's slots hold {} (use smaller chunks)",
+                buf.len(),
+                self.slot_size
+            )));
+        }
+        Ok(())
     }
 
     /// Encodes and sends every chunk of layer `layer`, given as a one-layer view; returns

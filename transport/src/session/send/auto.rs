@@ -62,33 +62,56 @@ impl KvSender<'_> {
     /// that level's first block and the receiver said it lacks its model tables (the caller
     /// tells it to build them now: `Prepare`).
     pub(super) fn decide(&self, layer: usize, chunk: usize) -> (usize, bool) {
+        self.decide_with(layer, chunk, None)
+    }
+
+    /// [`Self::decide`]; with `given` (a level and the link rate it was chosen at), that level
+    /// rather than the policy's choice: the probe's blocks, sent at the level its reading
+    /// so far points to.
+    pub(super) fn decide_with(
+        &self,
+        layer: usize,
+        chunk: usize,
+        given: Option<(usize, f64)>,
+    ) -> (usize, bool) {
         let mut p = self.lock();
         let rate = p.rate.rate();
         let elapsed = self.started.elapsed().as_secs_f64();
         let Some(live) = &mut p.live else {
             return (0, false);
         };
-        let costs = live.costs_now();
-        // Nothing measured (a probe-less start without an initial rate): assume a fast link.
-        let link_rate = rate.unwrap_or(f64::MAX / 4.0);
-        let choice = policy::choose(&live.inputs(&costs, link_rate, elapsed))
-            .expect("at least one candidate");
-        if live.decided == 0 {
+        let (index, link_rate, predicted) = match given {
+            Some((index, link_rate)) => (index, link_rate, f64::NAN),
+            None => {
+                let costs = live.costs_now();
+                // Nothing measured (a probe-less start without an initial rate): assume a
+                // fast link.
+                let link_rate = rate.unwrap_or(f64::MAX / 4.0);
+                let choice = policy::choose(&live.inputs(&costs, link_rate, elapsed))
+                    .expect("at least one candidate");
+                (choice.index, link_rate, choice.predicted)
+            }
+        };
+        let level = live.costs[index].level;
+        // The first decision taken at a link rate (the probe's first blocks go before it has
+        // a reading).
+        if live.summary.first_rate == 0 && link_rate > 0.0 {
             live.summary.first_rate = link_rate as u64;
-            live.summary.first_level = choice.level.code();
+            live.summary.first_level = level.code();
         }
         live.summary.last_rate = link_rate as u64;
-        live.summary.last_level = choice.level.code();
+        live.summary.last_level = level.code();
         live.decided += 1;
-        live.summary.blocks_per_level[usize::from(choice.level.code())] += 1;
-        if live.last.is_some_and(|l| l != choice.index) {
+        live.summary.blocks_per_level[usize::from(level.code())] += 1;
+        live.summary.probe_blocks += u32::from(given.is_some());
+        if live.last.is_some_and(|l| l != index) {
             live.summary.switches += 1;
-            tracing::info!(layer, chunk, level = %choice.level, link_bps = link_rate, "policy switches level");
+            tracing::info!(layer, chunk, level = %level, link_bps = link_rate, "policy switches level");
         }
-        live.last = Some(choice.index);
-        tracing::debug!(layer, chunk, level = %choice.level, link_bps = link_rate, predicted_s = choice.predicted, "policy decision");
-        let announce = std::mem::take(&mut live.receiver_unready[choice.index]);
-        (choice.index, announce)
+        live.last = Some(index);
+        tracing::debug!(layer, chunk, level = %level, link_bps = link_rate, predicted_s = predicted, "policy decision");
+        let announce = std::mem::take(&mut live.receiver_unready[index]);
+        (index, announce)
     }
 
     /// The level (index into the encoders) the policy would choose for the next block were
