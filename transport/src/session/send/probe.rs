@@ -18,16 +18,17 @@ use crate::session::msg::BlockImm;
 
 /// Immediate of a probe write (layer 4095, chunk 4095; policy transfers name fewer layers).
 const PROBE_IMM_LAYER: u32 = 0xfff;
-/// Bytes of each of the rate probe's writes, and at most how many are in flight.
+/// Bytes of each filler write of the rate probe, and at most how many writes are in flight.
 const PROBE_WRITE: u64 = 64 * 1024;
 const PROBE_DEPTH: usize = 8;
 /// The probe keeps in flight about what the link delivered over this much time just before
 /// (at least 2 writes): enough to keep it busy, and little to wait for at the end on a slow
 /// link, where [`PROBE_DEPTH`] writes would queue for many ms ahead of the first block.
 const PROBE_QUEUE: Duration = Duration::from_millis(1);
-/// Bytes in flight before the first completion: enough that a fast link's first round trips
-/// measure more than the round trip (a small cache probes with small writes), little enough
-/// to queue for only a few ms on a slow one.
+/// Bytes in flight before the first completion, counted in filler writes (blocks may be up
+/// to twice as large): enough that a fast link's first round trips measure more than the
+/// round trip (a small cache probes with small writes), little enough to queue for only a
+/// few ms on a slow one.
 const PROBE_START_BYTES: u64 = 256 * 1024;
 /// How long the rate probe keeps writing after its first write completed: at least
 /// [`PROBE_MIN_SPAN`], then until the rates over its last two quarters agree within
