@@ -603,46 +603,54 @@ mod tests {
     use super::*;
     use crate::{BlockHeader, EncodeOptions, Encoder, KvCache, KvShape, KvSpec, Layout};
 
+    /// Calls `f` with two-layer f16 specs of both layouts and shapes that give full and
+    /// partial chunks, channel counts from 16 to 192 and runs from 8 to 64 channels.
+    fn each_f16_spec(mut f: impl FnMut(KvSpec)) {
+        for layout in [Layout::Hf, Layout::Vllm] {
+            for (heads, dim, tokens) in [(3, 64, 300), (2, 8, 37), (8, 16, 64), (1, 40, 5)] {
+                f(KvSpec {
+                    shape: KvShape::new(2, heads, tokens, dim),
+                    layout,
+                    dtype: DType::F16,
+                });
+            }
+        }
+    }
+
     /// The SIMD decoder's own f16 output equals the separate dequantizer's, bit for bit, in
     /// both layouts, for full and partial chunks and every native level and q8.
     #[test]
     fn fused_f16_output_matches_the_dequantizer() {
-        for layout in [Layout::Hf, Layout::Vllm] {
-            for (heads, dim, tokens) in [(3, 64, 300), (2, 8, 37), (8, 16, 64), (1, 40, 5)] {
-                let spec = KvSpec {
-                    shape: KvShape::new(2, heads, tokens, dim),
-                    layout,
-                    dtype: DType::F16,
-                };
-                let kv = KvCache::from_fn(spec, |i| {
-                    let h = (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) % 2000;
-                    (h as f32 / 1000.0 - 1.0) * (1.0 + (i % 7) as f32)
-                });
-                for level in [Level::Q8, Level::CgHigh, Level::CgDefault, Level::CgLow] {
-                    let enc = Encoder::new(spec, &EncodeOptions::level(level)).unwrap();
-                    let h = enc.header();
-                    let mut one = spec;
-                    one.shape.layers = 1;
-                    for layer in 0..2 {
-                        for chunk in 0..h.chunks() {
-                            let mut block = Vec::new();
-                            enc.encode_block(&kv.view(), layer, chunk, &mut block)
-                                .unwrap();
-                            let bh = BlockHeader::read(&block).unwrap();
-                            let payload = bh.verified_payload(&block).unwrap();
-                            let r = h.chunk_range(chunk);
-                            let mut a = vec![0u8; one.byte_len()];
-                            let mut b = vec![0u8; one.byte_len()];
-                            decode_payload_with(h, layer, r.start, r.len(), payload, &mut a, true)
-                                .unwrap();
-                            decode_payload_with(h, layer, r.start, r.len(), payload, &mut b, false)
-                                .unwrap();
-                            assert!(a == b, "{layout:?} {heads}x{dim} {level} l{layer} c{chunk}");
-                        }
+        each_f16_spec(|spec| {
+            let (layout, heads, dim) = (spec.layout, spec.shape.kv_heads, spec.shape.head_dim);
+            let kv = KvCache::from_fn(spec, |i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) % 2000;
+                (h as f32 / 1000.0 - 1.0) * (1.0 + (i % 7) as f32)
+            });
+            for level in [Level::Q8, Level::CgHigh, Level::CgDefault, Level::CgLow] {
+                let enc = Encoder::new(spec, &EncodeOptions::level(level)).unwrap();
+                let h = enc.header();
+                let mut one = spec;
+                one.shape.layers = 1;
+                for layer in 0..2 {
+                    for chunk in 0..h.chunks() {
+                        let mut block = Vec::new();
+                        enc.encode_block(&kv.view(), layer, chunk, &mut block)
+                            .unwrap();
+                        let bh = BlockHeader::read(&block).unwrap();
+                        let payload = bh.verified_payload(&block).unwrap();
+                        let r = h.chunk_range(chunk);
+                        let mut a = vec![0u8; one.byte_len()];
+                        let mut b = vec![0u8; one.byte_len()];
+                        decode_payload_with(h, layer, r.start, r.len(), payload, &mut a, true)
+                            .unwrap();
+                        decode_payload_with(h, layer, r.start, r.len(), payload, &mut b, false)
+                            .unwrap();
+                        assert!(a == b, "{layout:?} {heads}x{dim} {level} l{layer} c{chunk}");
                     }
                 }
             }
-        }
+        });
     }
 
     /// A q8 symbol outside the alphabet (255) is refused with its stream, whether or not the
@@ -680,64 +688,57 @@ mod tests {
     /// NaN or infinity fails alike on both paths and leaves nothing behind.
     #[test]
     fn fused_q8_encoding_matches_the_quantizer() {
-        for layout in [Layout::Hf, Layout::Vllm] {
-            for (heads, dim, tokens) in [(3, 64, 300), (2, 8, 37), (8, 16, 64), (1, 40, 5)] {
-                let spec = KvSpec {
-                    shape: KvShape::new(2, heads, tokens, dim),
-                    layout,
-                    dtype: DType::F16,
-                };
-                let c = heads * dim;
-                let kv = KvCache::from_fn(spec, |i| {
-                    let h = (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) % 2000;
-                    match (i / c) % 5 {
-                        0 => 0.0,
-                        1 => (h as f32 - 1000.0) * 1e-10,
-                        _ => (h as f32 / 1000.0 - 1.0) * (1.0 + (i % 7) as f32),
-                    }
-                });
-                let enc = Encoder::new(spec, &EncodeOptions::level(Level::Q8)).unwrap();
-                let h = enc.header();
-                for layer in 0..2 {
-                    for chunk in 0..h.chunks() {
-                        let r = h.chunk_range(chunk);
-                        let at = BlockAt {
-                            view_layer: layer,
-                            layer,
-                            t0: r.start,
-                            n: r.len(),
-                        };
-                        let (mut a, mut b) = (vec![7u8], vec![7u8]);
-                        encode_payload_with(h, &kv.view(), at, &mut a, true).unwrap();
-                        encode_payload_with(h, &kv.view(), at, &mut b, false).unwrap();
-                        assert!(a == b, "{layout:?} {heads}x{dim} l{layer} c{chunk}");
-                    }
+        each_f16_spec(|spec| {
+            let (layout, heads, dim) = (spec.layout, spec.shape.kv_heads, spec.shape.head_dim);
+            let (c, tokens) = (spec.shape.channels(), spec.shape.tokens);
+            let kv = KvCache::from_fn(spec, |i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) % 2000;
+                match (i / c) % 5 {
+                    0 => 0.0,
+                    1 => (h as f32 - 1000.0) * 1e-10,
+                    _ => (h as f32 / 1000.0 - 1.0) * (1.0 + (i % 7) as f32),
                 }
-                let mut bad = kv.clone();
-                let token = tokens - 1;
-                let at = spec.index(1, Part::V, token, c - 1) * 2;
-                for (v, name) in [(0x7e00u16, "NaN"), (0x7c00, "inf")] {
-                    bad.bytes_mut()[at..at + 2].copy_from_slice(&v.to_le_bytes());
-                    let chunk = h.chunks() - 1;
+            });
+            let enc = Encoder::new(spec, &EncodeOptions::level(Level::Q8)).unwrap();
+            let h = enc.header();
+            for layer in 0..2 {
+                for chunk in 0..h.chunks() {
                     let r = h.chunk_range(chunk);
                     let at = BlockAt {
-                        view_layer: 1,
-                        layer: 1,
+                        view_layer: layer,
+                        layer,
                         t0: r.start,
                         n: r.len(),
                     };
-                    for fused in [true, false] {
-                        let mut out = vec![7u8];
-                        let e =
-                            encode_payload_with(h, &bad.view(), at, &mut out, fused).unwrap_err();
-                        assert!(
-                            matches!(e, CodecError::NonFinite { layer: 1, part: "V", token: t } if t == token),
-                            "{name} {fused}: {e}"
-                        );
-                        assert_eq!(out, [7], "{name} {fused}: a failed block leaves nothing");
-                    }
+                    let (mut a, mut b) = (vec![7u8], vec![7u8]);
+                    encode_payload_with(h, &kv.view(), at, &mut a, true).unwrap();
+                    encode_payload_with(h, &kv.view(), at, &mut b, false).unwrap();
+                    assert!(a == b, "{layout:?} {heads}x{dim} l{layer} c{chunk}");
                 }
             }
-        }
+            let mut bad = kv.clone();
+            let token = tokens - 1;
+            let at = spec.index(1, Part::V, token, c - 1) * 2;
+            for (v, name) in [(0x7e00u16, "NaN"), (0x7c00, "inf")] {
+                bad.bytes_mut()[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                let chunk = h.chunks() - 1;
+                let r = h.chunk_range(chunk);
+                let at = BlockAt {
+                    view_layer: 1,
+                    layer: 1,
+                    t0: r.start,
+                    n: r.len(),
+                };
+                for fused in [true, false] {
+                    let mut out = vec![7u8];
+                    let e = encode_payload_with(h, &bad.view(), at, &mut out, fused).unwrap_err();
+                    assert!(
+                        matches!(e, CodecError::NonFinite { layer: 1, part: "V", token: t } if t == token),
+                        "{name} {fused}: {e}"
+                    );
+                    assert_eq!(out, [7], "{name} {fused}: a failed block leaves nothing");
+                }
+            }
+        });
     }
 }
