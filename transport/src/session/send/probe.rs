@@ -150,10 +150,7 @@ impl KvSender<'_> {
                         sent += 1;
                         self.post_probe_block(slot, layer, chunk, given, encode)?
                     }
-                    None => {
-                        let (wr, paced) = self.post_probe(slot, bytes)?;
-                        (wr, paced, bytes)
-                    }
+                    None => self.post_probe(slot, bytes)?,
                 };
                 probe_bytes += n;
                 wrs.push((wr, paced, n));
@@ -193,13 +190,10 @@ impl KvSender<'_> {
     /// settled: the same at [`PROBE_DECISION_MARGIN`] times the reading, and at the reading
     /// over it.
     fn choice_settled(&self, times: &[Completion]) -> bool {
-        if times.len() < PROBE_DECIDING {
-            return false;
-        }
-        let mut sorted = times.to_vec();
-        sorted.sort_unstable();
-        evenly_spaced(measured_stretch(&sorted))
-            && level_settled(delivery_rate(&sorted), |r| self.level_at(r))
+        deciding(times).is_some_and(|sorted| {
+            evenly_spaced(measured_stretch(&sorted))
+                && level_settled(delivery_rate(&sorted), |r| self.level_at(r))
+        })
     }
 
     /// The level (index into the encoders) the probe's next write is a block at, and the
@@ -207,13 +201,9 @@ impl KvSender<'_> {
     /// the one the reading from completions at `times` (at least [`PROBE_DECIDING`]) points
     /// to, else the smallest (`fit` is smallest first). `None`: a filler write.
     fn probe_level(&self, times: &[Completion], fit: &[usize]) -> Option<(usize, f64)> {
-        let rate = if times.len() >= PROBE_DECIDING {
-            let mut sorted = times.to_vec();
-            sorted.sort_unstable();
-            Some(delivery_rate(&sorted)).filter(|r| r.is_finite() && *r > 0.0)
-        } else {
-            None
-        };
+        let rate = deciding(times)
+            .map(|sorted| delivery_rate(&sorted))
+            .filter(|r| r.is_finite() && *r > 0.0);
         let read = rate
             .and_then(|r| self.level_at(r))
             .filter(|l| fit.contains(l));
@@ -257,36 +247,36 @@ impl KvSender<'_> {
         let mut buf = self.lock().buffers.pop().unwrap_or_default();
         let (index, announce) = self.decide_with(layer, chunk, Some(given));
         self.encode_block(layer, chunk, index, announce, &mut buf, encode)?;
-        let n = buf.len() as u64;
-        let paced = self.pace(n).map(|(end, _)| end);
-        let wr = self.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
-        self.lock().outstanding += 1;
-        self.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
         let imm = BlockImm {
             slot,
             layer: layer as u32,
             chunk: chunk as u32,
         };
-        self.post_to_slot(buf, slot, imm, wr)?;
-        Ok((wr, paced, n))
+        self.post_probe_write(buf, imm)
     }
 
-    /// Posts one probe write of `bytes` into `slot`; its work-request id, and when the pacer
-    /// (if any, emulating a slower link) has the write leave the link.
-    fn post_probe(&self, slot: u16, bytes: u64) -> Result<(u64, Option<Instant>)> {
+    /// Posts one filler write of `bytes` into `slot` ([`Self::post_probe_write`]).
+    fn post_probe(&self, slot: u16, bytes: u64) -> Result<(u64, Option<Instant>, u64)> {
         let mut buf = vec![0u8; bytes as usize];
         buf[0] = 0xff;
-        let paced = self.pace(bytes).map(|(end, _)| end);
-        let wr = self.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
-        self.lock().outstanding += 1;
-        self.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
         let imm = BlockImm {
             slot,
             layer: PROBE_IMM_LAYER,
             chunk: 0xfff,
         };
-        self.post_to_slot(buf, slot, imm, wr)?;
-        Ok((wr, paced))
+        self.post_probe_write(buf, imm)
+    }
+
+    /// Writes `buf` into the slot `imm` names, behind the pacer (if any); its work-request
+    /// id, when the pacer (emulating a slower link) has it leave the link, and its bytes.
+    fn post_probe_write(&self, buf: Vec<u8>, imm: BlockImm) -> Result<(u64, Option<Instant>, u64)> {
+        let n = buf.len() as u64;
+        let paced = self.pace(n).map(|(end, _)| end);
+        let wr = self.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
+        self.lock().outstanding += 1;
+        self.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
+        self.post_to_slot(buf, imm.slot, imm, wr)?;
+        Ok((wr, paced, n))
     }
 
     /// Posts `n` probe writes of `bytes` each as slots allow; returns the time from the first
@@ -325,6 +315,15 @@ impl KvSender<'_> {
 
 /// A probe write's completion: when (from the probe's first post) and its bytes.
 type Completion = (Duration, u64);
+
+/// `times` in order, once there are enough to decide on ([`PROBE_DECIDING`]).
+fn deciding(times: &[Completion]) -> Option<Vec<Completion>> {
+    (times.len() >= PROBE_DECIDING).then(|| {
+        let mut sorted = times.to_vec();
+        sorted.sort_unstable();
+        sorted
+    })
+}
 
 /// Whether completions at `times` (in order, at least three) come evenly: no gap between
 /// two more than [`PROBE_EVEN_GAP`] times their median gap. A link that is slow delivers
