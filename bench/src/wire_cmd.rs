@@ -345,6 +345,8 @@ pub(crate) fn recv(a: &RecvArgs) -> Result<()> {
         n += 1;
         let conn = listener.accept(Duration::from_secs_f64(a.accept_timeout))?;
         let cache = recv_one(a, &ep, &conn, &slots, &opts, memory, n)?;
+        // In order, now: the close waits until the transfer's confirmation has left.
+        conn.close("");
         memory = cache.into_bytes();
     }
     Ok(())

@@ -69,6 +69,13 @@ fn transfer_as(l: &Link, kv: &KvCache, o: &SendOptions, whole: bool) -> KvCache 
         } else {
             KvReceiver::accept(&l.rx, &l.slots, &recv_opts()).and_then(KvReceiver::recv_all)
         };
+        // No thread of the finished transfer still holds the connection: dropping it now
+        // would close it in order (a process exiting next loses no queued confirmation).
+        assert_eq!(
+            std::sync::Arc::strong_count(&l.rx),
+            1,
+            "a receive thread outlived its transfer"
+        );
         let sent = sender.join().unwrap();
         let ((got, stats), sent) = match (got, sent) {
             (Ok(g), Ok(s)) => (g, s),

@@ -157,6 +157,9 @@ impl Shared {
 /// One KV transfer being received.
 pub struct KvReceiver {
     driver: Option<thread::JoinHandle<()>>,
+    /// The decode threads: joined with the driver, so that once the transfer is over no
+    /// thread of it holds the connection (whose last owner's drop closes it in order).
+    decode_threads: Vec<thread::JoinHandle<()>>,
     shared: Arc<Shared>,
     rx: Receiver<LayerResult>,
     done: BTreeMap<usize, Vec<u8>>,
@@ -353,12 +356,14 @@ impl KvReceiver {
         )?;
         let (job_tx, job_rx) = mpsc::channel::<Notification>();
         let job_rx = Arc::new(Mutex::new(job_rx));
+        let mut decode_threads = Vec::with_capacity(threads);
         for i in 0..threads {
             let (sh, jr) = (shared.clone(), job_rx.clone());
-            thread::Builder::new()
+            let t = thread::Builder::new()
                 .name(format!("kvwire-decode{i}"))
                 .spawn(move || decode_loop(&sh, &jr))
                 .map_err(|e| TransportError::io("spawning a decode thread", e))?;
+            decode_threads.push(t);
         }
         let sh = shared.clone();
         let timeout = opts.timeout;
@@ -368,6 +373,7 @@ impl KvReceiver {
             .map_err(|e| TransportError::io("spawning the receive driver", e))?;
         Ok(Self {
             driver: Some(driver),
+            decode_threads,
             shared,
             rx,
             done: BTreeMap::new(),
@@ -426,9 +432,7 @@ impl KvReceiver {
         if self.next >= layers {
             // The driver confirms the transfer and stops reading the connection; after
             // this, the connection is free for the next transfer.
-            if let Some(d) = self.driver.take() {
-                let _ = d.join();
-            }
+            self.join_threads();
             return Ok(None);
         }
         loop {
@@ -501,15 +505,29 @@ impl std::fmt::Debug for KvReceiver {
     }
 }
 
+impl KvReceiver {
+    /// Waits for the driver (which confirms the transfer, or stops on a failure) and then
+    /// the decode threads (which end once the driver drops their job queue). Until they have,
+    /// they hold clones of the connection: a caller dropping its own right after the
+    /// transfer would then not be the last owner, the connection would not close in order,
+    /// and a process exiting next could end before the confirmation left its queue.
+    fn join_threads(&mut self) {
+        if let Some(d) = self.driver.take() {
+            let _ = d.join();
+        }
+        for t in self.decode_threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Drop for KvReceiver {
     fn drop(&mut self) {
         if self.driver.is_some() && self.next < self.shared.layers.len() {
             // The caller gave up early: stop the driver and the decoders.
             self.shared.failed.store(true, Ordering::Release);
         }
-        if let Some(d) = self.driver.take() {
-            let _ = d.join();
-        }
+        self.join_threads();
     }
 }
 
