@@ -40,9 +40,29 @@ fn wait_limit(mut child: Child, limit: Duration) -> Output {
         }
         if t.elapsed() > limit {
             let _ = child.kill();
-            panic!("kvwire still running after {limit:?}");
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "kvwire still running after {limit:?}; its stdout: {}\nits stderr: {}",
+                text(&o.stdout),
+                text(&o.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `kvwire send` with `args` to the `kvwire recv` child `recv`, again while it is
+/// refused and `recv` runs: on a loaded machine the receiver may not listen yet when the
+/// sender starts, and would then wait out its accept timeout for nobody.
+fn send_to(recv: &mut Child, args: &[&str]) -> Output {
+    let t = Instant::now();
+    loop {
+        let o = wait_limit(spawn(args), Duration::from_secs(30));
+        let refused = !o.status.success() && text(&o.stderr).contains("Connection refused");
+        if !refused || t.elapsed() > Duration::from_secs(20) || recv.try_wait().unwrap().is_some() {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -70,7 +90,7 @@ fn the_cli_ships_a_kv_file_over_both_fabrics() {
     ] {
         let addr = free_addr();
         let out = dir.path().join(format!("{fabric}-{level}.safetensors"));
-        let recv = spawn(&[
+        let mut recv = spawn(&[
             "recv",
             "--listen",
             &addr,
@@ -82,21 +102,23 @@ fn the_cli_ships_a_kv_file_over_both_fabrics() {
             "t0k",
         ]);
         std::thread::sleep(Duration::from_millis(200));
-        let send = spawn(&[
-            "send",
-            "--connect",
-            &addr,
-            input.to_str().unwrap(),
-            "--level",
-            level,
-            "--fabric",
-            fabric,
-            "--token",
-            "t0k",
-            "--chunk-tokens",
-            "64",
-        ]);
-        let so = wait_limit(send, Duration::from_secs(30));
+        let so = send_to(
+            &mut recv,
+            &[
+                "send",
+                "--connect",
+                &addr,
+                input.to_str().unwrap(),
+                "--level",
+                level,
+                "--fabric",
+                fabric,
+                "--token",
+                "t0k",
+                "--chunk-tokens",
+                "64",
+            ],
+        );
         let ro = wait_limit(recv, Duration::from_secs(30));
         // Both sides' words on either failure: one side's error is often the other's cause.
         assert!(
@@ -127,7 +149,7 @@ fn a_wrong_token_fails_both_processes_with_one_line() {
     let addr = free_addr();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.safetensors");
-    let recv = spawn(&[
+    let mut recv = spawn(&[
         "recv",
         "--listen",
         &addr,
@@ -137,18 +159,21 @@ fn a_wrong_token_fails_both_processes_with_one_line() {
         "right",
     ]);
     std::thread::sleep(Duration::from_millis(200));
-    let send = spawn(&[
-        "send",
-        "--connect",
-        &addr,
-        fixture_path().to_str().unwrap(),
-        "--level",
-        "raw",
-        "--token",
-        "wrong",
-    ]);
+    let send = send_to(
+        &mut recv,
+        &[
+            "send",
+            "--connect",
+            &addr,
+            fixture_path().to_str().unwrap(),
+            "--level",
+            "raw",
+            "--token",
+            "wrong",
+        ],
+    );
     for (who, o) in [
-        ("send", wait_limit(send, Duration::from_secs(15))),
+        ("send", send),
         ("recv", wait_limit(recv, Duration::from_secs(15))),
     ] {
         assert_eq!(o.status.code(), Some(1), "{who}");
