@@ -91,6 +91,15 @@ pub fn read_safetensors(buf: &[u8]) -> Result<KvFile> {
 /// # Errors
 /// [`CodecError::SafeTensors`] if serialization fails.
 pub fn write_safetensors(cache: &KvCache, metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
+    let (tv, meta) = tensor_view(cache, metadata)?;
+    safetensors::serialize([(TENSOR_NAME, tv)], Some(meta)).map_err(st_err)
+}
+
+/// The cache as the file's one tensor, and the file's metadata (`layout` set from it).
+fn tensor_view<'a>(
+    cache: &'a KvCache,
+    metadata: &HashMap<String, String>,
+) -> Result<(safetensors::tensor::TensorView<'a>, HashMap<String, String>)> {
     let spec = cache.spec();
     let dtype = match spec.dtype {
         DType::F16 => StDtype::F16,
@@ -105,7 +114,7 @@ pub fn write_safetensors(cache: &KvCache, metadata: &HashMap<String, String>) ->
         cache.bytes(),
     )
     .map_err(st_err)?;
-    safetensors::serialize([(TENSOR_NAME, tv)], Some(meta)).map_err(st_err)
+    Ok((tv, meta))
 }
 
 /// Reads a KV file from disk.
@@ -121,7 +130,8 @@ pub fn load(path: impl AsRef<Path>) -> Result<KvFile> {
     read_safetensors(&buf)
 }
 
-/// Writes a KV file to disk.
+/// Writes a KV file to disk, the cache's bytes straight from its memory (a receiver saving
+/// each cache it gets must not first copy, and fault in, a file-sized buffer).
 ///
 /// # Errors
 /// [`CodecError::Io`] or as [`write_safetensors`].
@@ -131,9 +141,54 @@ pub fn save(
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
     let p = path.as_ref();
-    let bytes = write_safetensors(cache, metadata)?;
-    std::fs::write(p, bytes).map_err(|source| CodecError::Io {
-        path: p.display().to_string(),
-        source,
+    let (tv, meta) = tensor_view(cache, metadata)?;
+    safetensors::serialize_to_file([(TENSOR_NAME, tv)], Some(meta), p).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => CodecError::Io {
+            path: p.display().to_string(),
+            source,
+        },
+        e => st_err(e),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> KvCache {
+        let spec = KvSpec {
+            shape: KvShape::new(2, 1, 8, 4),
+            layout: Layout::Vllm,
+            dtype: DType::BF16,
+        };
+        let bytes = (0..spec.byte_len()).map(|i| (i * 7) as u8).collect();
+        KvCache::from_bytes(spec, bytes).unwrap()
+    }
+
+    #[test]
+    fn a_saved_file_loads_back_as_written() {
+        let kv = cache();
+        let dir = std::env::temp_dir().join(format!("kvwire-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kv.safetensors");
+        let meta = HashMap::from([("model".to_string(), "m".to_string())]);
+        save(&path, &kv, &meta).unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        // The streamed file is byte for byte the in-memory serialization.
+        assert_eq!(on_disk, write_safetensors(&kv, &meta).unwrap());
+        let back = load(&path).unwrap();
+        assert_eq!(back.cache.spec(), kv.spec());
+        assert_eq!(back.cache.bytes(), kv.bytes());
+        assert_eq!(back.metadata.get("model").map(String::as_str), Some("m"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn saving_where_no_file_can_be_made_names_the_path() {
+        let path = std::env::temp_dir().join("kvwire-no-such-dir/kv.safetensors");
+        match save(&path, &cache(), &HashMap::new()) {
+            Err(CodecError::Io { path: p, .. }) => assert!(p.contains("kvwire-no-such-dir"), "{p}"),
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+    }
 }
