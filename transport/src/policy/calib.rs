@@ -40,9 +40,13 @@ pub struct LevelSpeed {
     pub setup: f64,
 }
 
-/// Passes over the sample per level; the fastest counts. A debug build (tests) makes two: its
-/// speeds say nothing of a release build's, and seven take it half a minute.
-pub const CALIBRATION_PASSES: usize = if cfg!(debug_assertions) { 2 } else { 7 };
+/// Passes over the sample per level; the fastest counts. Fifteen: the entropy-coded levels
+/// run within a few percent of each other, and on a shared 2-core VM seven passes (about half
+/// a second) left their order to chance (cg-low's encode speed measured 9% below and 23%
+/// above cg-default's in four calibrations of builds with the same codec), which decides
+/// among them where the cores bound a transfer. A debug build (tests) makes two: its speeds
+/// say nothing of a release build's, and seven take it half a minute.
+pub const CALIBRATION_PASSES: usize = if cfg!(debug_assertions) { 2 } else { 15 };
 
 /// Codec speeds of this machine.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +66,7 @@ impl Calibration {
     }
 
     /// Measures every auto level on the embedded sample (best of [`CALIBRATION_PASSES`]
-    /// passes; about a second in all).
+    /// passes; about two seconds in all on a 2-core VM).
     ///
     /// Each pass runs one thread per core at once, as a transfer does: a single thread on an
     /// idle machine reads faster than each of several that share the memory system, and the
