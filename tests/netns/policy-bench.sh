@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The compression policy over shaped links: one KV file sent with `kvwire send` between two
 # network namespaces (shaped-link.sh) at every fixed level and at `--level auto`, at each
-# rate, timing send-to-last-layer-decoded (the levels in turn, each rep starting one level
-# further along); prints the table and whether auto is within 1.10x of the best fixed level
-# at each rate, and auto's speed-up over raw at 1 Gbit/s.
+# rate, timing send-to-last-layer-decoded (the levels in turn, each rep in the order of the
+# next row of a Williams square, so that every level follows every other equally often);
+# prints the table and whether auto is within 1.10x of the best fixed level at each rate,
+# and auto's speed-up over raw at 1 Gbit/s. --reps in multiples of 6 (of the number of
+# levels; twice it when odd) balance the neighbours fully.
 #
 #   tests/netns/policy-bench.sh [--kv FILE] [--rates "0.3gbit 1gbit 3gbit 10gbit unshaped"]
 #                               [--levels "raw q8 cg-high cg-default cg-low auto"] [--reps N]
@@ -21,7 +23,8 @@
 # level chosen again in every resample) and the median of the per-rep ratios (auto and the
 # best level ran in the same rep, a few transfers apart): how far the medians can be trusted
 # on a noisy host.
-# --runs FILE keeps every transfer's `send --json` line (with its rate) in FILE;
+# --runs FILE keeps every transfer's `send --json` line (with its rate, and the level of the
+# transfer before it as "after") in FILE;
 # --summarize prints the table of such files pooled (batches of equal reps), running nothing.
 # KVWIRE_BIN selects the binary (default target/release/kvwire); exits 77 (skip) when
 # network namespaces are not available here.
@@ -164,6 +167,26 @@ transfer() {
     cat "$TMP/send.json"
 }
 
+# Row $2 (mod the square's rows) of a Williams square of order $1, as level indices: the
+# first row is 0, 1, n-1, 2, n-2, ..., row r adds r (mod n) to each; for odd n, rows n..2n-1
+# are rows 0..n-1 reversed.
+williams_row() {
+    local n=$1 rows=$1 r lo=1 hi=$(($1 - 1)) first=(0) row=() k
+    ((n % 2 == 0)) || rows=$((2 * n))
+    r=$(($2 % rows))
+    while ((${#first[@]} < n)); do
+        first+=("$lo"); lo=$((lo + 1))
+        if ((${#first[@]} < n)); then first+=("$hi"); hi=$((hi - 1)); fi
+    done
+    for k in "${first[@]}"; do row+=($(((k + r % n) % n))); done
+    if ((r >= n)); then
+        for ((k = n - 1; k >= 0; k--)); do echo -n "${row[$k]} "; done
+        echo
+    else
+        echo "${row[*]}"
+    fi
+}
+
 RESULTS=$TMP/results.jsonl
 : >"$RESULTS"
 for rate in $RATES; do
@@ -181,18 +204,26 @@ for rate in $RATES; do
     if [[ $RECEIVER == warm ]]; then
         start_receiver $((REPS * $(wc -w <<<"$LEVELS") + 1))
         send_one cg-low # untimed: the receiver's memory is touched once
+        PREV=cg-low
+    else
+        PREV=
     fi
     read -ra ORDER <<<"$LEVELS"
+    n=${#ORDER[@]}
     for ((i = 0; i < REPS; i++)); do
-        # Each rep starts one level further along the list, so that no level always follows
-        # the same one (the previous transfer leaves the link's queue, the receiver's caches
-        # and the scheduler in its own state).
-        for ((j = 0; j < ${#ORDER[@]}; j++)); do
-            level=${ORDER[$(((i + j) % ${#ORDER[@]}))]}
+        # Rep i takes its order from row i of a Williams square: over n reps (2n for an odd
+        # number of levels) every level comes right after every other level once. The
+        # transfer before leaves its mark on the next (a CPU-heavy one slowed the next by
+        # 10-15% at 10 Gbit/s here), so a fixed neighbour would bias a level's median; a
+        # rotated list keeps every level's neighbour the same.
+        read -ra ROW <<<"$(williams_row "$n" "$i")"
+        for j in "${ROW[@]}"; do
+            level=${ORDER[$j]}
             # Not in a subshell: the receiver's port and pid stay with this shell.
             transfer "$level" >"$TMP/line.json"
-            python3 -c "import json,sys; d=json.load(open(sys.argv[2])); d['rate']=sys.argv[1]; print(json.dumps(d))" \
-                "$rate" "$TMP/line.json" >>"$RESULTS"
+            python3 -c "import json,sys; d=json.load(open(sys.argv[2])); d['rate']=sys.argv[1]; d['after']=sys.argv[3]; print(json.dumps(d))" \
+                "$rate" "$TMP/line.json" "${PREV:-}" >>"$RESULTS"
+            PREV=$level
         done
     done
     [[ $RECEIVER == fresh ]] || wait "$RPID"
