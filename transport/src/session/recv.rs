@@ -494,18 +494,7 @@ impl KvReceiver {
             elapsed: self.started.elapsed(),
         }
     }
-}
 
-impl std::fmt::Debug for KvReceiver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvReceiver")
-            .field("spec", &self.spec())
-            .field("next_layer", &self.next)
-            .finish_non_exhaustive()
-    }
-}
-
-impl KvReceiver {
     /// Waits for the driver (which confirms the transfer, or stops on a failure) and then
     /// the decode threads (which end once the driver drops their job queue). Until they have,
     /// they hold clones of the connection: a caller dropping its own right after the
@@ -518,6 +507,15 @@ impl KvReceiver {
         for t in self.decode_threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+impl std::fmt::Debug for KvReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvReceiver")
+            .field("spec", &self.spec())
+            .field("next_layer", &self.next)
+            .finish_non_exhaustive()
     }
 }
 

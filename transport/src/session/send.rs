@@ -381,13 +381,13 @@ impl<'c> KvSender<'c> {
         }
     }
 
-    /// Writes `buf` into the receiver's slot `slot` with the immediate `imm`, as work request
+    /// Writes `buf` into the receiver's slot that the immediate `imm` names, as work request
     /// `wr`.
-    fn post_to_slot(&self, buf: Vec<u8>, slot: u16, imm: BlockImm, wr: u64) -> Result<()> {
+    fn post_to_slot(&self, buf: Vec<u8>, imm: BlockImm, wr: u64) -> Result<()> {
         self.conn.post_write(
             SendBuf::Bytes(buf),
             self.region,
-            u64::from(slot) * self.slot_size,
+            u64::from(imm.slot) * self.slot_size,
             Some(imm.pack()),
             wr,
         )
@@ -456,7 +456,7 @@ impl<'c> KvSender<'c> {
                     p.in_flight
                         .insert(wr, (buf.len() as u64, begin, paced, queued));
                 }
-                this.post_to_slot(buf, slot, imm, wr)?;
+                this.post_to_slot(buf, imm, wr)?;
             }
         };
         let result = thread::scope(|s| {

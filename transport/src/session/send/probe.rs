@@ -275,7 +275,7 @@ impl KvSender<'_> {
         let wr = self.next_wr.fetch_add(1, Ordering::Relaxed) as u64;
         self.lock().outstanding += 1;
         self.wire_bytes.fetch_add(buf.len(), Ordering::Relaxed);
-        self.post_to_slot(buf, imm.slot, imm, wr)?;
+        self.post_to_slot(buf, imm, wr)?;
         Ok((wr, paced, n))
     }
 
